@@ -1,0 +1,250 @@
+"""The types a plugin author imports.
+
+A plugin is an object with a ``name``, a one-line ``description``, a dict of
+``defaults`` (its hyperparameters, each overridable from a preset or the
+command line) and one method:
+
+* :class:`Attack` ``.run(ctx, params) -> AttackResult``: turn the adversary's
+  task into a backdoored task vector, plus the trigger and target its ASR needs.
+* :class:`Merger` ``.merge(pretrained, task_vectors, ctx, params) -> Merged``:
+  map θ_pre and {τ_k} to merged image-encoder weights.
+* :class:`Defense` ``.defend(pretrained, task_vectors, merger, ctx, params) -> Merged``:
+  wrap a merger (``merger`` is a :class:`BoundMerger`: call it like a function).
+
+``ctx`` is a :class:`Context`: the preset, device, seed, the frozen pretrained
+encoder, each task's data and frozen head, the one fine-tuning loop, evaluation,
+and ``ctx.cached(...)`` for intermediate artifacts of the plugin's own. Weights
+travel as :data:`StateDict` (name → float tensor of the image encoder, on the
+CPU). Nothing a plugin returns is pickled: tensors go to safetensors, ``info``
+dicts to JSON, so keep them JSON-able.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+__all__ = [
+    "StateDict", "Trigger", "AttackResult", "Merged", "Attack", "Merger", "Defense",
+    "BoundMerger", "Context", "TaskData", "PluginError",
+]
+
+
+class PluginError(Exception):
+    """A plugin cannot run a cell (bad parameter, unsupported combination).
+
+    The harness records the message in the cell's result (status ``failed``)
+    and goes on with the other cells.
+    """
+
+
+@dataclass(eq=False)
+class Trigger:
+    """A square patch pasted onto *normalised* images (x' = m⊙p + (1−m)⊙x).
+
+    ``pattern`` is (C, h, w) in the model's normalised input space (BadMerging
+    pastes after normalisation); ``top``/``left`` place it. The mask is the
+    all-ones square under the pattern.
+    """
+
+    pattern: torch.Tensor
+    top: int
+    left: int
+
+    @classmethod
+    def at_corner(cls, pattern: torch.Tensor, image_size: int, corner: str = "bottom-right") -> "Trigger":
+        h, w = pattern.shape[-2:]
+        vertical, _, horizontal = corner.partition("-")
+        if vertical not in ("top", "bottom") or horizontal not in ("left", "right"):
+            raise ValueError(f"corner must be top|bottom-left|right, not {corner!r}")
+        top = 0 if vertical == "top" else image_size - h
+        left = 0 if horizontal == "left" else image_size - w
+        return cls(pattern, top, left)
+
+    @property
+    def size(self) -> int:
+        return int(self.pattern.shape[-1])
+
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """Return a triggered copy of a (N, C, H, W) batch (the input is untouched)."""
+        out = images.clone()
+        h, w = self.pattern.shape[-2:]
+        out[..., self.top:self.top + h, self.left:self.left + w] = self.pattern.to(out)
+        return out
+
+    def to_tensors(self, prefix: str = "trigger") -> StateDict:
+        return {f"{prefix}.pattern": self.pattern.detach().cpu().contiguous(),
+                f"{prefix}.position": torch.tensor([self.top, self.left])}
+
+    @classmethod
+    def from_tensors(cls, tensors: StateDict, prefix: str = "trigger") -> "Trigger":
+        top, left = (int(v) for v in tensors[f"{prefix}.position"])
+        return cls(tensors[f"{prefix}.pattern"], top, left)
+
+
+@dataclass
+class AttackResult:
+    """What an attack hands to the harness.
+
+    ``task`` is the adversary's task: its clean task vector is replaced by
+    ``task_vector`` in every merge. ``target_task`` is where ASR is measured
+    (the same task for on-task attacks, another contributor's for off-task
+    ones); ``target_class`` indexes that task's classes. ``tensors`` are extra
+    artifacts to keep (stored with the attack's stage); ``info`` is JSON-able
+    and lands in every cell's result (hyperparameters, figures the attack
+    measured itself, e.g. BadTV's ASR under negation).
+    """
+
+    task: str
+    task_vector: StateDict
+    trigger: Trigger
+    target_class: int
+    target_task: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    tensors: StateDict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target_task is None:
+            self.target_task = self.task
+
+
+@dataclass
+class Merged:
+    """Merged image-encoder weights and JSON-able details (learned coefficients, ...)."""
+
+    weights: StateDict
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class _Plugin:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+
+class Attack(_Plugin):
+    kind: ClassVar[str] = "attack"
+
+    def run(self, ctx: "Context", params: dict[str, Any]) -> AttackResult:
+        raise NotImplementedError
+
+
+class Merger(_Plugin):
+    kind: ClassVar[str] = "merger"
+
+    def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
+              ctx: "Context", params: dict[str, Any]) -> Merged:
+        raise NotImplementedError
+
+
+class Defense(_Plugin):
+    kind: ClassVar[str] = "defense"
+
+    def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
+               merger: "BoundMerger", ctx: "Context", params: dict[str, Any]) -> Merged:
+        raise NotImplementedError
+
+
+@dataclass
+class BoundMerger:
+    """A merger with its resolved parameters and context; call it to merge."""
+
+    plugin: Merger
+    params: dict[str, Any]
+    ctx: "Context"
+
+    @property
+    def name(self) -> str:
+        return self.plugin.name
+
+    def __call__(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
+                 **overrides: Any) -> Merged:
+        return self.plugin.merge(pretrained, task_vectors, self.ctx, {**self.params, **overrides})
+
+
+class TaskData(Protocol):
+    """One task's splits as normalised image tensors and integer labels."""
+
+    name: str
+    class_names: tuple[str, ...]
+
+    def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (N, C, H, W) float normalised, labels (N,) int64) of ``train``, ``dev`` or ``test``."""
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
+                generator: torch.Generator | None = None,
+                limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Iterate a split in batches (``limit`` caps the number of samples)."""
+
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
+PoisonFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Context(Protocol):
+    """What the harness gives every plugin call (implemented in ``mmbench.context``)."""
+
+    preset: Any            # mmbench.presets.Preset
+    seed: int
+    device: torch.device
+    tasks: tuple[str, ...]   # the preset's tasks, in merge order
+    adversary_task: str      # the preset's adversary task
+    target_class: int        # the preset's target class on that task
+
+    # models ---------------------------------------------------------------
+    def pretrained(self) -> StateDict:
+        """θ_pre: the image encoder's float tensors (CPU, do not modify)."""
+
+    def encoder(self, weights: StateDict | None = None) -> torch.nn.Module:
+        """A fresh image-encoder module on ``device`` holding ``weights`` (θ_pre by default)."""
+
+    def head(self, task: str) -> torch.Tensor:
+        """Frozen head (num_classes, embed_dim) on ``device``; logits = normalise(f(x)) @ head.T."""
+
+    def logits(self, features: torch.Tensor, task: str) -> torch.Tensor:
+        """Apply ``task``'s frozen head to image features (L2-normalised first)."""
+
+    def forward(self, weights: StateDict, images: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """Features (task None) or logits of the encoder at ``weights`` via functional_call (no copy)."""
+
+    def data(self, task: str) -> TaskData: ...
+
+    # training -------------------------------------------------------------
+    def finetune(self, task: str, *, seed: int | None = None, init: StateDict | None = None,
+                 poison: PoisonFn | None = None, loss: LossFn | None = None,
+                 desc: str = "", **recipe: Any) -> StateDict:
+        """The one fine-tuning loop (preset recipe; ``recipe`` overrides lr, epochs, ...).
+
+        ``poison(images, labels, generator)`` may rewrite each batch;
+        ``loss(module, images, labels, step)`` replaces cross-entropy.
+        Returns fine-tuned weights (not a task vector). Not cached: wrap in
+        ``ctx.cached`` when the result is worth keeping.
+        """
+
+    def clean_finetune(self, task: str, seed: int | None = None) -> StateDict:
+        """The shared, cached clean fine-tune of ``task`` (θ_k)."""
+
+    def task_vector(self, task: str, seed: int | None = None) -> StateDict:
+        """τ_k = θ_k − θ_pre of the shared clean fine-tune."""
+
+    # evaluation -----------------------------------------------------------
+    def accuracy(self, weights: StateDict, task: str, split: str = "test") -> float: ...
+
+    def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger,
+                            target_class: int, split: str = "test") -> float:
+        """ASR as ALGORITHMS.md defines it: target-class samples excluded."""
+
+    # plumbing -------------------------------------------------------------
+    def cached(self, kind: str, params: dict[str, Any],
+               compute: Callable[[], tuple[StateDict, dict[str, Any]]]) -> tuple[StateDict, dict[str, Any]]:
+        """Run ``compute`` once per (kind, params, preset, seed, plugin version); keep its tensors and info."""
+
+    def generator(self, *salt: Any) -> torch.Generator:
+        """A CPU generator seeded from the cell's seed and ``salt`` (reproducible, independent streams)."""
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable: ...
+
+    def log(self, message: str) -> None: ...

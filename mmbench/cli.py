@@ -1,0 +1,184 @@
+"""``mmbench``: run the benchmark, list plugins and presets, build the leaderboard.
+
+A mistake the user can fix (unknown plugin, preset or option value, missing
+data) prints one line and exits with status 2; nothing is half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .plugins import UsageError, load
+
+DEFAULT_STORE = os.environ.get("MMBENCH_STORE", ".mmbench")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use auto or cpu)")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def _preset(registry, name: str):
+    return registry.get("preset", name).obj
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{100 * value:5.1f}"
+
+
+def cmd_plugins(args) -> int:
+    registry = load()
+    from tabulate import tabulate
+
+    rows = [(r.kind, r.name, r.distribution, r.version, r.description) for r in registry.all()
+            if r.kind in ("attack", "merger", "defense", "preset")]
+    print(tabulate(rows, headers=["kind", "name", "distribution", "version", "description"]))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    registry = load()
+    for name in registry.names("preset"):
+        p = registry.get("preset", name).obj
+        print(f"{name}: {p.description}\n  tasks: {', '.join(p.task_names)}; adversary {p.adversary_task}, "
+              f"target class {p.target_class}; model {p.model.name}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import torch
+
+    from .data import DataError
+    from .plan import Runner, parse_overrides
+    from .store import Store
+
+    registry = load()
+    preset = _preset(registry, args.preset)
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.set or [], registry)
+    echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    runner = Runner(registry, preset, Store(args.store), device, rerun=args.rerun, overrides=overrides,
+                    quiet=args.quiet, echo=echo)
+    cells = runner.cells(args.attack, args.merger, args.defense, args.seed)
+    echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells on {device}, "
+         f"store {args.store}, rerun {args.rerun}")
+    start = time.perf_counter()
+    counts: dict[str, int] = {}
+
+    def on_result(r: dict) -> None:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        m = r.get("metrics") or {}
+        line = (f"{r['attack']:>14} {r['merger']:>12} {r['defense']:>8}  {r['status']:<7} "
+                f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}")
+        if r["status"] == "failed":
+            line += f"  {r.get('error', '')}"
+        print(line, flush=True)
+
+    try:
+        runner.run(cells, on_result)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    log = runner.shared.log
+    seconds = time.perf_counter() - start
+    if log.reused:
+        shown = [s for s in log.reused if not s.startswith("cell ")]
+        cells_reused = len(log.reused) - len(shown)
+        echo(f"reused {len(shown)} stages: {', '.join(shown)}" + (f"; {cells_reused} cell results" if cells_reused else ""))
+    computed = [f"{label} ({sec:.1f} s)" for label, sec in log.computed]
+    if computed:
+        echo(f"computed {len(computed)}: {', '.join(computed)}")
+    for bad in runner.store.corrupt:
+        echo(f"warning: artifact {bad} failed verification and was recomputed")
+    echo(f"done in {seconds:.1f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return 1 if counts.get("failed") and args.strict else 0
+
+
+def cmd_leaderboard(args) -> int:
+    from . import leaderboard
+    from .plan import NO_ATTACK
+    from .store import Store
+
+    registry = load()
+    store = Store(args.store)
+    presets = [args.preset] if args.preset else sorted({r.get("preset") for r in store.results()} or {"tiny"})
+    expected = []
+    for name in presets:
+        p = _preset(registry, name)
+        for seed in p.seeds:
+            for a in [NO_ATTACK] + registry.names("attack"):
+                for m in registry.names("merger"):
+                    for d in registry.names("defense"):
+                        expected.append((name, a, m, d, seed))
+    results = [r for name in presets for r in store.results(name)]
+    df = leaderboard.table(results, expected)
+    md, csv = leaderboard.write(df, Path(args.out))
+    print(f"wrote {md} and {csv} ({len(df)} cells: " +
+          ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items()) + ")")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmbench", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mmbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run cells of the attack × merger × defense cross product")
+    run.add_argument("--preset", default="tiny")
+    run.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
+    run.add_argument("--merger", action="append", help="merger name (repeatable)")
+    run.add_argument("--defense", action="append", help="defense name (repeatable)")
+    run.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+    run.add_argument("--rerun", default="missing", choices=["missing", "always", "never"],
+                     help="missing: compute cells without a current result (default); always: recompute "
+                          "the selected cells and their attacks, reusing shared stages; never: only report")
+    run.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
+                     help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
+    run.add_argument("--store", default=DEFAULT_STORE)
+    run.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--quiet", action="store_true")
+    run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
+    run.set_defaults(func=cmd_run)
+
+    plugins = sub.add_parser("plugins", help="list installed attacks, mergers, defenses and presets")
+    plugins.set_defaults(func=cmd_plugins)
+    presets = sub.add_parser("presets", help="describe the installed presets")
+    presets.set_defaults(func=cmd_presets)
+
+    board = sub.add_parser("leaderboard", help="write leaderboard/README.md and results.csv")
+    board.add_argument("--preset", default=None, help="default: every preset with stored results")
+    board.add_argument("--store", default=DEFAULT_STORE)
+    board.add_argument("--out", default="leaderboard")
+    board.set_defaults(func=cmd_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"mmbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The Context every plugin call receives, and the shared, cached stages behind it.
+
+Stages (each a content-addressed artifact in the store, see ``store.stage_key``):
+``data[task]`` → ``base`` (model + contrastive pretraining for tiny presets) →
+``heads`` → ``finetune[task, seed]``; plugins add their own through
+:meth:`RunContext.cached`. A stage whose key is in the store is loaded, never
+recomputed; :attr:`RunContext.log` records which were reused and which computed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import mmbench
+
+from . import data as data_mod
+from . import models, train
+from .api import StateDict, Trigger
+from .presets import Preset, Recipe
+from .store import Store, canonical_json, stage_key
+
+CORE = ("mmbench", mmbench.__version__)
+
+
+def _progress(iterable: Iterable, total: int | None = None, desc: str = "", quiet: bool = False) -> Iterable:
+    if quiet or not sys.stderr.isatty():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class StageLog:
+    """Which stages a run reused from the store and which it computed (with seconds)."""
+
+    def __init__(self) -> None:
+        self.reused: list[str] = []
+        self.computed: list[tuple[str, float]] = []
+
+    def add(self, label: str, seconds: float | None) -> None:
+        if seconds is None:
+            if label not in self.reused:
+                self.reused.append(label)
+        else:
+            self.computed.append((label, seconds))
+
+
+class SharedStages:
+    """Per-(preset, seed) state shared by every cell of a run: loaded artifacts, modules."""
+
+    def __init__(self, preset: Preset, store: Store, device: torch.device, *, quiet: bool = False,
+                 echo: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
+        self.preset = preset
+        self.store = store
+        self.device = device
+        self.quiet = quiet
+        self.echo = echo
+        self.log = StageLog()
+        self.preset_hash = hashlib.sha256(canonical_json(preset.key()).encode()).hexdigest()
+        self._memo: dict[str, Any] = {}
+        self._encoder_module: torch.nn.Module | None = None
+
+    # stage plumbing -----------------------------------------------------------
+    def stage(self, label: str, key: str, kind: str, compute: Callable[[], tuple[StateDict, dict]],
+              *, force: bool = False) -> tuple[StateDict, dict]:
+        """Load ``key`` from memory or the store, else compute, save and return it."""
+        if not force and key in self._memo:
+            return self._memo[key]
+        loaded = None if force else self.store.load(key)
+        if loaded is not None:
+            self.log.add(label, None)
+        else:
+            if not self.quiet:
+                self.echo(f"  computing {label} ...")
+            start = time.perf_counter()
+            tensors, info = compute()
+            seconds = time.perf_counter() - start
+            self.store.save(key, kind, tensors, info, seconds=seconds)
+            self.log.add(label, seconds)
+            loaded = (tensors, info)
+        self._memo[key] = loaded
+        return loaded
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
+        return _progress(iterable, total=total, desc=desc, quiet=self.quiet)
+
+    # data ---------------------------------------------------------------------
+    def data_key(self, task: str) -> str:
+        spec = self.preset.task(task)
+        return stage_key("data", {"task": asdict(spec), "split_seed": data_mod.SPLIT_SEED}, plugin=CORE)
+
+    def task_data(self, task: str) -> data_mod.InMemoryTaskData:
+        memo = f"taskdata:{task}"
+        if memo not in self._memo:
+            spec = self.preset.task(task)
+
+            def compute():
+                names, splits = data_mod.load_raw_splits(spec)
+                return data_mod.to_tensors(names, splits), {"class_names": list(names)}
+            tensors, info = self.stage(f"data[{task}]", self.data_key(task), "data", compute)
+            self._memo[memo] = data_mod.from_tensors(task, tuple(info["class_names"]), tensors, self.preset)
+        return self._memo[memo]
+
+    # base model and heads -----------------------------------------------------
+    def base_key(self) -> str:
+        inputs = [self.data_key(t) for t in self.preset.task_names] if self.preset.model.pretrain_steps else []
+        return stage_key("base", {"model": asdict(self.preset.model), "image_size": self.preset.image_size,
+                                  "mean": self.preset.mean, "std": self.preset.std}, inputs, plugin=CORE)
+
+    def base(self) -> tuple[StateDict, dict]:
+        spec = self.preset.model
+
+        def compute():
+            torch.manual_seed(0)
+            model = models.create_clip(spec)
+            info: dict[str, Any] = {}
+            if spec.pretrain_steps:
+                images, captions = [], []
+                for task in self.preset.task_names:
+                    td = self.task_data(task)
+                    x, y = td.tensors("pretrain")
+                    images.append(x)
+                    captions += [f"a photo of a {td.class_names[int(c)]}." for c in y]
+                gen = torch.Generator().manual_seed(0)
+                info = models.contrastive_pretrain(model, spec, torch.cat(images), captions, gen,
+                                                   progress=lambda it: self.progress(it, desc="pretrain base"))
+            info["logit_scale"] = float(model.logit_scale.exp())
+            return dict(model.state_dict()), info
+        return self.stage("base", self.base_key(), "base", compute)
+
+    def pretrained(self) -> StateDict:
+        memo = "pretrained"
+        if memo not in self._memo:
+            state, _ = self.base()
+            self._memo[memo] = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")
+                                and torch.is_floating_point(v)}
+        return self._memo[memo]
+
+    def heads_key(self) -> str:
+        return stage_key("heads", {"kind": self.preset.heads, "tasks": self.preset.task_names},
+                         [self.base_key()], plugin=CORE)
+
+    def heads(self) -> dict[str, torch.Tensor]:
+        memo = "heads"
+        if memo in self._memo:
+            return self._memo[memo]
+
+        def compute():
+            state, info = self.base()
+            counts = {t: self.task_data(t).num_classes for t in self.preset.task_names}
+            if self.preset.heads == "orthogonal":
+                embed_dim = self.preset.model.config["embed_dim"] if self.preset.model.config else None
+                if embed_dim is None:
+                    raise ValueError("orthogonal heads need the model config's embed_dim")
+                heads = models.orthogonal_heads(counts, embed_dim, info["logit_scale"],
+                                                torch.Generator().manual_seed(0))
+            elif self.preset.heads == "zeroshot":
+                from .zeroshot import templates_for
+
+                model = models.create_clip(self.preset.model, load_pretrained=False)
+                model.load_state_dict(state)
+                tok = models.tokenizer(self.preset.model)
+                heads = {t: models.zeroshot_head(model, tok, self.task_data(t).class_names,
+                                                 templates_for(self.preset.task(t)))
+                         for t in self.preset.task_names}
+            else:
+                raise ValueError(f"unknown head kind {self.preset.heads!r} (orthogonal | zeroshot)")
+            return heads, {"kind": self.preset.heads}
+        tensors, _ = self.stage("heads", self.heads_key(), "heads", compute)
+        self._memo[memo] = {t: v.to(self.device) for t, v in tensors.items()}
+        return self._memo[memo]
+
+    def encoder_module(self) -> torch.nn.Module:
+        """The one shared encoder module used for functional forwards (never trained)."""
+        if self._encoder_module is None:
+            module = models.build_encoder(self.preset)
+            module.load_state_dict(self.pretrained(), strict=False)
+            self._encoder_module = module.to(self.device).eval()
+            for p in self._encoder_module.parameters():
+                p.requires_grad_(False)
+        return self._encoder_module
+
+    # clean fine-tunes -----------------------------------------------------------
+    def finetune_key(self, task: str, seed: int) -> str:
+        return stage_key("finetune", {"task": task, "seed": seed, "recipe": asdict(self.preset.recipe)},
+                         [self.base_key(), self.heads_key(), self.data_key(task)], plugin=CORE)
+
+    def clean_finetune(self, task: str, seed: int, force: bool = False) -> StateDict:
+        def compute():
+            weights, info = self.run_finetune(task, seed=seed, desc=f"fine-tune {task}")
+            return weights, info
+        tensors, _ = self.stage(f"finetune[{task}, seed {seed}]", self.finetune_key(task, seed),
+                                "finetune", compute, force=force)
+        return tensors
+
+    def run_finetune(self, task: str, *, seed: int, init: StateDict | None = None, poison=None, loss=None,
+                     desc: str = "", **overrides: Any) -> tuple[StateDict, dict]:
+        recipe = Recipe(**{**asdict(self.preset.recipe), **overrides})
+        td = self.task_data(task)
+        x, y = td.tensors("train")
+        head = self.heads()[task]
+        module = models.build_encoder(self.preset)
+        gen = torch.Generator().manual_seed(hash_seed("finetune", task, seed))
+        torch.manual_seed(hash_seed("torch", task, seed))
+        return train.finetune(module, init if init is not None else self.pretrained(), x, y,
+                              lambda f: logits(f, head), recipe, gen, poison=poison, loss=loss,
+                              device=self.device,
+                              progress=lambda it: self.progress(it, desc=desc or f"fine-tune {task}"))
+
+    # evaluation -------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, weights: StateDict, task: str, images: torch.Tensor) -> torch.Tensor:
+        module = self.encoder_module()
+        head = self.heads()[task]
+        preds = []
+        bs = self.preset.eval_batch_size
+        for start in range(0, images.shape[0], bs):
+            x = images[start:start + bs].to(self.device)
+            preds.append(logits(functional_call(module, weights, (x,)), head).argmax(-1).cpu())
+        return torch.cat(preds)
+
+    def accuracy(self, weights: StateDict, task: str, split: str = "test") -> float:
+        x, y = self.task_data(task).tensors(split)
+        return float((self.predict(weights, task, x) == y).float().mean())
+
+    def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
+                            split: str = "test") -> float:
+        x, y = self.task_data(task).tensors(split)
+        keep = y != target_class  # target-class samples leave numerator and denominator
+        preds = self.predict(weights, task, trigger.apply(x[keep]))
+        return float((preds == target_class).float().mean())
+
+
+def logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features, dim=-1) @ head.T
+
+
+def hash_seed(*parts: Any) -> int:
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+class RunContext:
+    """The :class:`mmbench.api.Context` of one plugin call (bound to its plugin for cache keys)."""
+
+    def __init__(self, shared: SharedStages, seed: int, plugin: tuple[str, str, str] | None = None) -> None:
+        self.shared = shared
+        self.preset = shared.preset
+        self.seed = seed
+        self.device = shared.device
+        self.tasks = shared.preset.task_names
+        self.adversary_task = shared.preset.adversary_task
+        self.target_class = shared.preset.target_class
+        self._plugin = plugin  # (name, distribution, version)
+
+    def bind(self, plugin: tuple[str, str, str]) -> "RunContext":
+        return RunContext(self.shared, self.seed, plugin)
+
+    # models
+    def pretrained(self) -> StateDict:
+        return self.shared.pretrained()
+
+    def encoder(self, weights: StateDict | None = None) -> torch.nn.Module:
+        module = models.build_encoder(self.preset)
+        module.load_state_dict(weights if weights is not None else self.pretrained(), strict=False)
+        return module.to(self.device)
+
+    def head(self, task: str) -> torch.Tensor:
+        return self.shared.heads()[task]
+
+    def logits(self, features: torch.Tensor, task: str) -> torch.Tensor:
+        return logits(features, self.head(task))
+
+    def forward(self, weights: StateDict, images: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        features = functional_call(self.shared.encoder_module(), weights, (images.to(self.device),))
+        return features if task is None else self.logits(features, task)
+
+    def data(self, task: str):
+        return self.shared.task_data(task)
+
+    # training
+    def finetune(self, task: str, *, seed: int | None = None, init: StateDict | None = None, poison=None,
+                 loss=None, desc: str = "", **recipe: Any) -> StateDict:
+        weights, _ = self.shared.run_finetune(task, seed=self.seed if seed is None else seed, init=init,
+                                              poison=poison, loss=loss, desc=desc, **recipe)
+        return weights
+
+    def clean_finetune(self, task: str, seed: int | None = None) -> StateDict:
+        return self.shared.clean_finetune(task, self.seed if seed is None else seed)
+
+    def task_vector(self, task: str, seed: int | None = None) -> StateDict:
+        pre = self.pretrained()
+        return {k: v - pre[k] for k, v in self.clean_finetune(task, seed).items()}
+
+    # evaluation
+    def accuracy(self, weights: StateDict, task: str, split: str = "test") -> float:
+        return self.shared.accuracy(weights, task, split)
+
+    def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
+                            split: str = "test") -> float:
+        return self.shared.attack_success_rate(weights, task, trigger, target_class, split)
+
+    # plumbing
+    def cached(self, kind: str, params: dict[str, Any],
+               compute: Callable[[], tuple[StateDict, dict[str, Any]]]) -> tuple[StateDict, dict[str, Any]]:
+        plugin = (self._plugin[1], self._plugin[2]) if self._plugin else CORE
+        key = stage_key(f"plugin:{kind}", {"params": params, "seed": self.seed},
+                        [self.shared.preset_hash, self.shared.base_key()], plugin=plugin)
+        label = f"{kind}[{canonical_json(params)[:60]}, seed {self.seed}]"
+        return self.shared.stage(label, key, f"plugin:{kind}", compute)
+
+    def generator(self, *salt: Any) -> torch.Generator:
+        return torch.Generator().manual_seed(hash_seed(self.seed, *salt))
+
+    def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
+        return self.shared.progress(iterable, total=total, desc=desc)
+
+    def log(self, message: str) -> None:
+        if not self.shared.quiet:
+            self.shared.echo(f"  {message}")
+
+
+@contextlib.contextmanager
+def no_grad_if(flag: bool):
+    with torch.no_grad() if flag else contextlib.nullcontext():
+        yield

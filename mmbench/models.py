@@ -1,0 +1,153 @@
+"""open_clip models: build by name (custom tiny configs registered offline), load
+weights (open_clip tag, local checkpoint, or the tiny presets' pretraining stage),
+and build frozen per-task heads.
+
+Only the image tower is fine-tuned and merged; the text tower serves the base's
+contrastive pretraining (tiny presets) and zero-shot heads (paper presets).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .api import StateDict
+from .presets import ModelSpec, Preset
+
+_registered: set[str] = set()
+_registered_filter: list[bool] = []
+
+
+def _register_config(spec: ModelSpec) -> None:
+    import open_clip
+
+    if spec.config is None or spec.name in _registered:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{spec.name}.json"
+        path.write_text(json.dumps(spec.config))
+        open_clip.add_model_config(path)
+    _registered.add(spec.name)
+
+
+def _quiet_open_clip() -> None:
+    # open_clip logs a warning for every randomly initialised model; tiny presets always are
+    logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
+
+
+def create_clip(spec: ModelSpec, *, load_pretrained: bool = True) -> torch.nn.Module:
+    """The whole open_clip model (image + text towers) on the CPU, in fp32.
+
+    ``spec.pretrained`` may be an open_clip tag (needs the hub, paper presets) or a
+    local checkpoint file (loaded by open_clip with ``weights_only=True``).
+    """
+    import open_clip
+
+    _register_config(spec)
+    if not _registered_filter:
+        _quiet_open_clip()
+        _registered_filter.append(True)
+    pretrained = spec.pretrained if load_pretrained else None
+    model = open_clip.create_model(spec.name, pretrained=pretrained, weights_only=True)
+    return model.float().eval()
+
+
+def tokenizer(spec: ModelSpec) -> Callable:
+    import open_clip
+
+    _register_config(spec)
+    return open_clip.get_tokenizer(spec.name)
+
+
+def encoder_state(model: torch.nn.Module) -> StateDict:
+    """θ of the image encoder: its float parameters (no buffers: the ViT has none that merge)."""
+    return {k: v.detach().clone() for k, v in model.visual.named_parameters()}
+
+
+def contrastive_pretrain(model: torch.nn.Module, spec: ModelSpec, images: torch.Tensor,
+                         captions: list[str], generator: torch.Generator,
+                         progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
+    """CLIP-style contrastive pretraining of a randomly initialised tiny model.
+
+    Reconstructed for the tiny presets (PROBES.md): AdamW (lr ``spec.pretrain_lr``,
+    wd 0.1), one-cycle schedule, ``spec.pretrain_steps`` steps of batch
+    ``spec.pretrain_batch_size``; the token embedding stays frozen (a tiny text
+    tower otherwise overfits the few captions). Batches contain one caption per
+    image; duplicate captions in a batch are treated as positives too.
+    """
+    tok = tokenizer(spec)
+    unique = sorted(set(captions))
+    caption_index = torch.tensor([unique.index(c) for c in captions])
+    tokens = tok(unique)
+    model.train()
+    model.token_embedding.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.pretrain_lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.pretrain_lr, total_steps=spec.pretrain_steps)
+    n, bs = images.shape[0], spec.pretrain_batch_size
+    loss_value = float("nan")
+    for _ in progress(range(spec.pretrain_steps)):
+        idx = torch.randint(0, n, (bs,), generator=generator)
+        cap = caption_index[idx]
+        img = F.normalize(model.encode_image(images[idx]), dim=-1)
+        text_unique = F.normalize(model.encode_text(tokens), dim=-1)
+        txt = text_unique[cap]
+        logits = model.logit_scale.exp() * img @ txt.T
+        same = (cap[:, None] == cap[None, :]).float()
+        targets = same / same.sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        loss_value = loss.item()
+    model.eval()
+    model.token_embedding.weight.requires_grad_(True)
+    return {"final_loss": loss_value, "logit_scale": float(model.logit_scale.exp())}
+
+
+def orthogonal_heads(class_counts: dict[str, int], embed_dim: int, scale: float,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Fixed random orthonormal class vectors, disjoint across tasks, times ``scale``.
+
+    One random orthogonal matrix; task t takes the next C_t columns, so every
+    class vector is orthogonal to every other class of every task. PROBES.md
+    found heads from a tiny text tower overlapping across tasks (e.g. "cat" in
+    two tasks), which made merges conflict; these cannot.
+    """
+    total = sum(class_counts.values())
+    if total > embed_dim:
+        raise ValueError(f"orthogonal heads need embed_dim ≥ total classes ({total} > {embed_dim})")
+    q, _ = torch.linalg.qr(torch.randn(embed_dim, embed_dim, generator=generator))
+    heads, offset = {}, 0
+    for task, count in class_counts.items():
+        heads[task] = (q[:, offset:offset + count].T * scale).contiguous()
+        offset += count
+    return heads
+
+
+@torch.no_grad()
+def zeroshot_head(model: torch.nn.Module, tok: Callable, class_names: Iterable[str],
+                  templates: Iterable[str]) -> torch.Tensor:
+    """Zero-shot head (ALGORITHMS.md): per class, the mean over templates of the
+    L2-normalised text embedding, renormalised, times logit_scale.exp()."""
+    templates = list(templates)
+    rows = []
+    for name in class_names:
+        emb = F.normalize(model.encode_text(tok([t.format(name) for t in templates])), dim=-1)
+        rows.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(rows) * model.logit_scale.exp()
+
+
+def build_encoder(preset: Preset) -> torch.nn.Module:
+    """A fresh image encoder module of the preset's architecture (weights to be loaded)."""
+    return create_clip(preset.model, load_pretrained=False).visual

@@ -1,0 +1,311 @@
+"""The stage graph of a run: cells, their keys, and running them with the rerun policy.
+
+A cell is (preset, attack, merger, defense, seed). Attack ``none`` is the
+no-attack baseline (every task vector clean). Shared stages (data, base, heads,
+clean fine-tunes, attack artifacts, plugin stages) are computed once and
+reused by every cell that needs them.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .api import AttackResult, BoundMerger, Merged, PluginError, StateDict, Trigger
+from .context import CORE, RunContext, SharedStages
+from .plugins import Registered, Registry, UsageError
+from .presets import Preset
+from .store import Store, canonical_json, stage_key
+
+NO_ATTACK = "none"
+RERUN = ("missing", "always", "never")
+
+
+@dataclass(frozen=True)
+class Cell:
+    preset: str
+    attack: str
+    merger: str
+    defense: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.attack}__{self.merger}__{self.defense}__seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack}/{self.merger}/{self.defense} seed {self.seed}"
+
+
+def parse_overrides(items: list[str], registry: Registry) -> dict[str, dict[str, Any]]:
+    """``--set ties.k=0.1`` items → {"ties": {"k": 0.1}} (values parsed as JSON, else strings)."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    known = {name for kind in ("attack", "merger", "defense") for name in registry.names(kind)}
+    for item in items:
+        target, eq, value = item.partition("=")
+        name, dot, param = target.partition(".")
+        if not eq or not dot or not param:
+            raise UsageError(f"--set wants PLUGIN.PARAM=VALUE, got {item!r}")
+        if name not in known:
+            from .plugins import unknown_name
+            raise unknown_name("plugin in --set", name, sorted(known))
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(name, {})[param] = parsed
+    return out
+
+
+def resolve_params(reg: Registered, preset: Preset, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    defaults = dict(getattr(reg.obj, "defaults", {}) or {})
+    params = {**defaults, **preset.plugin_params.get(reg.name, {})}
+    for key, value in overrides.get(reg.name, {}).items():
+        if key not in defaults:
+            from .plugins import unknown_name
+            raise unknown_name(f"parameter of {reg.kind} {reg.name!r}", key, sorted(defaults))
+        params[key] = value
+    return params
+
+
+@dataclass
+class Runner:
+    registry: Registry
+    preset: Preset
+    store: Store
+    device: torch.device
+    rerun: str = "missing"
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quiet: bool = False
+    echo: Callable[[str], None] = print
+
+    def __post_init__(self) -> None:
+        if self.rerun not in RERUN:
+            raise UsageError(f"--rerun must be one of {', '.join(RERUN)}, not {self.rerun!r}")
+        self.shared = SharedStages(self.preset, self.store, self.device, quiet=self.quiet, echo=self.echo)
+        self._attacks: dict[tuple[str, int], tuple[str, AttackResult | Exception]] = {}
+        self._finetuned_acc: dict[int, dict[str, float]] = {}
+
+    # the cross product -----------------------------------------------------------
+    def cells(self, attacks: list[str] | None = None, mergers: list[str] | None = None,
+              defenses: list[str] | None = None, seeds: list[int] | None = None) -> list[Cell]:
+        def pick(kind: str, chosen: list[str] | None, extra: tuple[str, ...] = ()) -> list[str]:
+            names = list(extra) + self.registry.names(kind)
+            for name in chosen or []:
+                if name not in names:
+                    from .plugins import unknown_name
+                    raise unknown_name(kind, name, names)
+            return list(dict.fromkeys(chosen)) if chosen else names
+        a = pick("attack", attacks, (NO_ATTACK,))
+        m = pick("merger", mergers)
+        d = pick("defense", defenses)
+        s = seeds or list(self.preset.seeds)
+        if not m or not d:
+            raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
+        return [Cell(self.preset.name, *combo) for combo in
+                ((x, y, z, w) for w in s for x in a for y in m for z in d)]
+
+    def params(self, kind: str, name: str) -> dict[str, Any]:
+        return resolve_params(self.registry.get(kind, name), self.preset, self.overrides)
+
+    def plugin_version(self, kind: str, name: str) -> dict[str, str]:
+        if kind == "attack" and name == NO_ATTACK:
+            return {"name": NO_ATTACK, "distribution": CORE[0], "version": CORE[1]}
+        reg = self.registry.get(kind, name)
+        return {"name": reg.name, "distribution": reg.distribution, "version": reg.version}
+
+    # keys ------------------------------------------------------------------------
+    def attack_key(self, name: str, seed: int) -> str:
+        reg = self.registry.get("attack", name)
+        return stage_key("attack", {"name": name, "params": self.params("attack", name), "seed": seed},
+                         [self.shared.preset_hash, self.shared.base_key()], plugin=(reg.distribution, reg.version))
+
+    def cell_key(self, cell: Cell) -> str:
+        inputs = [self.shared.finetune_key(t, cell.seed) for t in self.preset.task_names]
+        if cell.attack != NO_ATTACK:
+            inputs.append(self.attack_key(cell.attack, cell.seed))
+        params = {"merger": [cell.merger, self.params("merger", cell.merger)],
+                  "defense": [cell.defense, self.params("defense", cell.defense)], "seed": cell.seed}
+        versions = [self.plugin_version(k, n)["version"] for k, n in
+                    (("merger", cell.merger), ("defense", cell.defense))]
+        return stage_key("cell", params, inputs, plugin=(CORE[1], *versions))
+
+    # stages ----------------------------------------------------------------------
+    def attack(self, name: str, seed: int, force: bool = False) -> tuple[str, AttackResult]:
+        memo = (name, seed)
+        if memo in self._attacks and not force:
+            key, result = self._attacks[memo]
+            if isinstance(result, Exception):
+                raise result
+            return key, result
+        reg = self.registry.get("attack", name)
+        key = self.attack_key(name, seed)
+        params = self.params("attack", name)
+        ctx = RunContext(self.shared, seed).bind((reg.name, reg.distribution, reg.version))
+
+        def compute():
+            result = reg.obj.run(ctx, params)
+            if not isinstance(result, AttackResult):
+                raise PluginError(f"attack {name!r} returned {type(result).__name__}, not AttackResult")
+            tensors = {f"task_vector.{k}": v for k, v in result.task_vector.items()}
+            tensors.update(result.trigger.to_tensors())
+            tensors.update({f"extra.{k}": v for k, v in result.tensors.items()})
+            standalone = self.standalone(ctx, result)
+            info = {"task": result.task, "target_task": result.target_task,
+                    "target_class": result.target_class, "info": result.info,
+                    "standalone": standalone, "params": params}
+            return tensors, info
+        try:
+            tensors, info = self.shared.stage(f"attack {name} (seed {seed})", key, "attack", compute, force=force)
+            result = AttackResult(
+                task=info["task"], target_task=info["target_task"], target_class=info["target_class"],
+                task_vector={k[len("task_vector."):]: v for k, v in tensors.items() if k.startswith("task_vector.")},
+                trigger=Trigger.from_tensors(tensors),
+                info={**info["info"], "standalone": info["standalone"]},
+                tensors={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+        except Exception as exc:  # every cell of this attack fails with the same message
+            self._attacks[memo] = (key, exc)
+            raise
+        self._attacks[memo] = (key, result)
+        return key, result
+
+    def standalone(self, ctx: RunContext, result: AttackResult) -> dict[str, float]:
+        """The attacked model alone (θ_pre + τ_adv) and its clean twin, before any merge."""
+        pre = ctx.pretrained()
+        backdoored = {k: pre[k] + v for k, v in result.task_vector.items()}
+        clean = ctx.clean_finetune(result.task)
+        return {
+            "acc": ctx.accuracy(backdoored, result.task),
+            "asr": ctx.attack_success_rate(backdoored, result.target_task, result.trigger, result.target_class),
+            "clean_acc": ctx.accuracy(clean, result.task),
+            "clean_asr": ctx.attack_success_rate(clean, result.target_task, result.trigger, result.target_class),
+        }
+
+    def finetuned_accuracy(self, seed: int) -> dict[str, float]:
+        if seed not in self._finetuned_acc:
+            ctx = RunContext(self.shared, seed)
+            key = stage_key("eval-finetuned", {"seed": seed},
+                            [self.shared.finetune_key(t, seed) for t in self.preset.task_names], plugin=CORE)
+
+            def compute():
+                accs = {t: ctx.accuracy(ctx.clean_finetune(t), t) for t in self.preset.task_names}
+                accs["base"] = {t: ctx.accuracy(ctx.pretrained(), t) for t in self.preset.task_names}
+                return {}, accs
+            _, info = self.shared.stage(f"eval fine-tuned (seed {seed})", key, "eval", compute)
+            self._finetuned_acc[seed] = info
+        return self._finetuned_acc[seed]
+
+    # a cell ------------------------------------------------------------------------
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        key = self.cell_key(cell)
+        existing = self.store.load_result(self.preset.name, cell.id)
+        if self.rerun != "always" and existing and existing.get("key") == key and existing.get("status") == "ok":
+            self.shared.log.add(f"cell {cell.label}", None)
+            return existing
+        if self.rerun == "never":
+            return {"cell": cell.id, "preset": cell.preset, "attack": cell.attack, "merger": cell.merger,
+                    "defense": cell.defense, "seed": cell.seed, "status": "not run", "key": key}
+        result: dict[str, Any] = {
+            "cell": cell.id, "preset": cell.preset, "attack": cell.attack, "merger": cell.merger,
+            "defense": cell.defense, "seed": cell.seed, "key": key,
+            "plugins": {k: self.plugin_version(k, n) for k, n in
+                        (("attack", cell.attack), ("merger", cell.merger), ("defense", cell.defense))},
+            "params": {}, "durations": {}, "metrics": {}, "info": {},
+            "mmbench": CORE[1], "device": str(self.device),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        start = time.perf_counter()
+        try:
+            result["params"] = {"merger": self.params("merger", cell.merger),
+                                "defense": self.params("defense", cell.defense)}
+            base = RunContext(self.shared, cell.seed)
+            pre = base.pretrained()
+            t0 = time.perf_counter()
+            task_vectors = {t: base.task_vector(t) for t in self.preset.task_names}
+            result["durations"]["finetunes"] = time.perf_counter() - t0
+            attack: AttackResult | None = None
+            if cell.attack != NO_ATTACK:
+                t0 = time.perf_counter()
+                result["params"]["attack"] = self.params("attack", cell.attack)
+                _, attack = self.attack(cell.attack, cell.seed, force=self.rerun == "always")
+                result["durations"]["attack"] = time.perf_counter() - t0
+                if attack.task not in task_vectors:
+                    raise PluginError(f"attack task {attack.task!r} is not a task of preset {self.preset.name!r}")
+                task_vectors[attack.task] = attack.task_vector
+                result["info"]["attack"] = {"task": attack.task, "target_task": attack.target_task,
+                                            "target_class": attack.target_class, **attack.info}
+            merger_reg = self.registry.get("merger", cell.merger)
+            defense_reg = self.registry.get("defense", cell.defense)
+            merger = BoundMerger(merger_reg.obj, result["params"]["merger"],
+                                 base.bind((merger_reg.name, merger_reg.distribution, merger_reg.version)))
+            dctx = base.bind((defense_reg.name, defense_reg.distribution, defense_reg.version))
+            t0 = time.perf_counter()
+            merged = defense_reg.obj.defend(pre, task_vectors, merger, dctx, result["params"]["defense"])
+            if not isinstance(merged, Merged):
+                raise PluginError(f"defense {cell.defense!r} returned {type(merged).__name__}, not Merged")
+            result["durations"]["merge"] = time.perf_counter() - t0
+            result["info"]["merge"] = merged.info
+            t0 = time.perf_counter()
+            result["metrics"] = self.metrics(base, merged.weights, attack, cell.seed)
+            result["durations"]["evaluate"] = time.perf_counter() - t0
+            result["status"] = "ok"
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            result["status"] = "failed"
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            result["traceback"] = traceback.format_exc(limit=-4)
+        result["durations"]["total"] = time.perf_counter() - start
+        self.shared.log.add(f"cell {cell.label}", result["durations"]["total"])
+        self.store.save_result(self.preset.name, cell.id, result)
+        return result
+
+    def metrics(self, ctx: RunContext, weights: StateDict, attack: AttackResult | None, seed: int) -> dict[str, Any]:
+        missing = [k for k in ctx.pretrained() if k not in weights]
+        if missing:
+            raise PluginError(f"merged weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
+        finetuned = self.finetuned_accuracy(seed)
+        acc = {t: ctx.accuracy(weights, t) for t in self.preset.task_names}
+        norm = {t: acc[t] / finetuned[t] if finetuned[t] else 0.0 for t in acc}
+        out: dict[str, Any] = {
+            "acc": sum(acc.values()) / len(acc), "acc_per_task": acc,
+            "normalized_acc": sum(norm.values()) / len(norm), "normalized_acc_per_task": norm,
+            "finetuned_acc_per_task": {t: finetuned[t] for t in acc},
+            "base_acc_per_task": finetuned["base"],
+        }
+        if attack is not None:
+            out["asr"] = ctx.attack_success_rate(weights, attack.target_task, attack.trigger, attack.target_class)
+            out["attacked_task_acc"] = acc[attack.task]
+            standalone = attack.info.get("standalone", {})
+            out["standalone_acc"] = standalone.get("acc")
+            out["standalone_asr"] = standalone.get("asr")
+            out["standalone_clean_acc"] = standalone.get("clean_acc")
+        return out
+
+    def run(self, cells: list[Cell], on_result: Callable[[dict[str, Any]], None] = lambda r: None
+            ) -> list[dict[str, Any]]:
+        # warm the shared stages in a readable order before the cells
+        results = []
+        needs_compute = self.rerun == "always" or any(
+            not self._cached_ok(c) for c in cells)
+        if needs_compute and self.rerun != "never":
+            for seed in sorted({c.seed for c in cells}):
+                ctx = RunContext(self.shared, seed)
+                for task in self.preset.task_names:
+                    ctx.clean_finetune(task)
+                self.finetuned_accuracy(seed)
+        for cell in cells:
+            result = self.run_cell(cell)
+            on_result(result)
+            results.append(result)
+        return results
+
+    def _cached_ok(self, cell: Cell) -> bool:
+        existing = self.store.load_result(self.preset.name, cell.id)
+        return bool(existing and existing.get("status") == "ok" and existing.get("key") == self.cell_key(cell))

@@ -1,0 +1,45 @@
+"""Trigger patterns shared by the patch-based attacks and defenses (pure functions)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmbench.api import Trigger
+
+
+def patch_side(area_fraction: float, image_size: int) -> int:
+    """Side in pixels of a square covering ``area_fraction`` of the image (at least 1)."""
+    return max(1, int(round(math.sqrt(area_fraction) * image_size)))
+
+
+def checkerboard(side: int, low: torch.Tensor, high: torch.Tensor, phase: int = 0) -> torch.Tensor:
+    """A (C, side, side) checkerboard alternating the per-channel ``low``/``high`` values
+    (pass the normalised image range to get black/white pixels)."""
+    rows = torch.arange(side).view(-1, 1)
+    cols = torch.arange(side).view(1, -1)
+    on = ((rows + cols + phase) % 2 == 0).float()
+    low, high = low.view(-1, 1, 1), high.view(-1, 1, 1)
+    return low + (high - low) * on
+
+
+def corner_trigger(pattern: torch.Tensor, image_size: int, position: str) -> Trigger:
+    """Place ``pattern`` at a named corner (``bottom-right`` ...) or ``center``."""
+    if position == "center":
+        side = pattern.shape[-1]
+        start = (image_size - side) // 2
+        return Trigger(pattern, start, start)
+    return Trigger.at_corner(pattern, image_size, position)
+
+
+def poison_batch(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, target: int,
+                 rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stamp ``trigger`` on a random ``rate`` fraction of the batch and relabel it to ``target``.
+    (Training does not exclude target-class samples; ALGORITHMS.md.)"""
+    chosen = torch.rand(images.shape[0], generator=generator) < rate
+    if not chosen.any():
+        return images, labels
+    images, labels = images.clone(), labels.clone()
+    images[chosen] = trigger.apply(images[chosen])
+    labels[chosen] = target
+    return images, labels
