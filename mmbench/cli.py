@@ -45,6 +45,8 @@ def cmd_plugins(args) -> int:
     rows = [(r.kind, r.name, r.distribution, r.version, r.description) for r in registry.all()
             if r.kind in ("attack", "merger", "defense", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "description"]))
+    for name, why in sorted(registry.broken.items()):
+        print(f"broken entry point {name!r}: {why}")
     return 0
 
 
@@ -65,6 +67,8 @@ def cmd_run(args) -> int:
     from .store import Store
 
     registry = load()
+    for name, why in sorted(registry.broken.items()):
+        print(f"mmbench: warning: plugin {name!r} failed to load and is skipped: {why}", file=sys.stderr)
     preset = _preset(registry, args.preset)
     device = _device(args.device)
     if args.threads:

@@ -57,6 +57,7 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.items: dict[str, dict[str, Registered]] = {k: {} for k in KINDS}
         self.entry_points: dict[str, tuple[str, str]] = {}  # plugin module name -> (dist, version)
+        self.broken: dict[str, str] = {}  # entry point -> why it failed to import
         self._load(allow)
 
     def _load(self, allow: list[str] | None) -> None:
@@ -71,7 +72,11 @@ class Registry:
                 continue
             if self.pm.get_plugin(ep.name) is not None:
                 continue
-            module = ep.load()
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the others down
+                self.broken[ep.name] = f"{type(exc).__name__}: {exc}"
+                continue
             self.pm.register(module, name=ep.name)
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"

@@ -76,7 +76,7 @@ def finetune(module: torch.nn.Module, init: StateDict, images: torch.Tensor, lab
             torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(value))
+        losses.append(value.item())
     module.eval()
     for p in module.parameters():
         p.requires_grad_(True)

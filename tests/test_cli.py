@@ -1,0 +1,110 @@
+"""The smoke preset end to end through the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmbench.cli import main
+
+
+def results(store: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in (store / "results" / "smoke").glob("*.json")}
+
+
+def test_baseline_cell_has_real_numbers(smoke_store):
+    r = results(smoke_store)["none__ta__none__seed0"]
+    assert r["status"] == "ok"
+    m = r["metrics"]
+    assert set(m["acc_per_task"]) == {"digits", "photo_patches"}
+    assert m["acc"] == pytest.approx(sum(m["acc_per_task"].values()) / 2)
+    for task, acc in m["acc_per_task"].items():
+        assert acc == pytest.approx(m["normalized_acc_per_task"][task] * m["finetuned_acc_per_task"][task])
+    # fine-tuning learned something: well above chance (10 classes) on each task
+    assert min(m["finetuned_acc_per_task"].values()) > 0.3
+    assert r["plugins"]["merger"] == {"name": "ta", "distribution": "mmbench", "version": "0.1.0"}
+    assert r["key"] and r["seed"] == 0 and "total" in r["durations"]
+
+
+def test_attack_cell_rerun_and_reuse(store_copy, capsys):
+    args = ["run", "--preset", "smoke", "--attack", "badnets", "--merger", "ta", "--defense", "none",
+            "--store", str(store_copy)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "reused" in err and "finetune[digits, seed 0]" in err.split("computed")[0]
+    r = results(store_copy)["badnets__ta__none__seed0"]
+    assert r["status"] == "ok"
+    assert 0.0 <= r["metrics"]["asr"] <= 1.0 and r["metrics"]["standalone_asr"] is not None
+    first_key = r["key"]
+
+    # warm: nothing is recomputed
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "computed" not in err and "1 cell results" in err
+
+    # --rerun always recomputes this cell and its attack, reusing the fine-tunes
+    assert main(args + ["--rerun", "always"]) == 0
+    err = capsys.readouterr().err
+    reused, computed = err.split("computed", 1)
+    assert "finetune[photo_patches, seed 0]" in reused and "base" in reused
+    assert "attack badnets" in computed and "cell badnets/ta/none" in computed
+    assert "finetune" not in computed
+    assert results(store_copy)["badnets__ta__none__seed0"]["key"] == first_key
+
+
+def test_parameter_override_changes_the_key(store_copy):
+    base = ["run", "--preset", "smoke", "--attack", "none", "--merger", "ta", "--defense", "none",
+            "--store", str(store_copy), "--quiet"]
+    before = results(store_copy)["none__ta__none__seed0"]
+    assert main(base + ["--set", "ta.lambda=0.0"]) == 0
+    after = results(store_copy)["none__ta__none__seed0"]
+    assert after["key"] != before["key"] and after["params"]["merger"]["lambda"] == 0.0
+    # λ = 0 merges to the pretrained model: its ACC is the base model's
+    base_acc = after["metrics"]["base_acc_per_task"]
+    assert after["metrics"]["acc_per_task"] == pytest.approx(base_acc)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--preset", "smoke", "--attack", "badnet"], "did you mean 'badnets'"),
+    (["run", "--preset", "smok"], "did you mean 'smoke'"),
+    (["run", "--preset", "smoke", "--set", "ta.lamda=1"], "did you mean 'lambda'"),
+    (["run", "--preset", "smoke", "--set", "nonsense"], "PLUGIN.PARAM=VALUE"),
+])
+def test_user_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys):
+    assert main(argv + ["--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results").exists()  # nothing half-written
+
+
+def test_corrupt_artifact_is_recomputed(store_copy, capsys):
+    victim = max((store_copy / "artifacts").glob("*/*.safetensors"), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-16] + b"\0" * 16)
+    assert main(["run", "--preset", "smoke", "--attack", "none", "--merger", "ta", "--defense", "none",
+                 "--store", str(store_copy), "--rerun", "always"]) == 0
+    assert "failed verification" in capsys.readouterr().err
+
+
+def test_leaderboard_lists_every_cell(smoke_store, tmp_path, capsys):
+    out = tmp_path / "board"
+    assert main(["leaderboard", "--preset", "smoke", "--store", str(smoke_store), "--out", str(out)]) == 0
+    csv = (out / "results.csv").read_text().splitlines()
+    md = (out / "README.md").read_text()
+    assert "| none " in md and "not run" in md
+    rows = [line.split(",") for line in csv[1:]]
+    assert any(r[1] == "none" and r[2] == "ta" and r[5] == "ok" for r in rows)
+    assert any(r[5] == "not run" for r in rows)
+
+
+def test_plugins_command_lists_kinds_and_versions(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "badnets" in out and "attack" in out and "mmbench" in out and "0.1.0" in out
+
+
+def test_console_script_entry(tmp_path):
+    exe = Path(sys.executable).with_name("mmbench")
+    proc = subprocess.run([str(exe), "run", "--preset", "nope", "--store", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr

@@ -1,0 +1,33 @@
+"""A third-party plugin package is discovered, listed and run without touching mmbench."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mmbench-average"
+
+
+def test_example_plugin_installs_lists_and_runs(tmp_path, smoke_store):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLE)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    listed = subprocess.run([sys.executable, "-m", "mmbench.cli", "plugins"], env=env,
+                            capture_output=True, text=True, check=True).stdout
+    line = next(l for l in listed.splitlines() if " average " in f" {l} ")
+    assert "merger" in line and "mmbench-average" in line and "0.1.0" in line
+
+    store = tmp_path / "store"
+    import shutil
+    shutil.copytree(smoke_store, store)
+    subprocess.run([sys.executable, "-m", "mmbench.cli", "run", "--preset", "smoke", "--attack", "none",
+                    "--merger", "average", "--defense", "none", "--store", str(store), "--quiet"],
+                   env=env, check=True)
+    r = json.loads((store / "results" / "smoke" / "none__average__none__seed0.json").read_text())
+    assert r["status"] == "ok"
+    assert r["plugins"]["merger"] == {"name": "average", "distribution": "mmbench-average", "version": "0.1.0"}
+    ta = json.loads((store / "results" / "smoke" / "none__ta__none__seed0.json").read_text())
+    # averaging two task vectors is task arithmetic with λ = 1/2; the smoke baseline used the preset's λ
+    assert r["info"]["merge"] == {"coefficient": 0.5}
+    assert ta["metrics"]["finetuned_acc_per_task"] == r["metrics"]["finetuned_acc_per_task"]

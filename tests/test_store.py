@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+
+from mmbench.store import Store, stage_key
+
+
+def test_stage_key_is_canonical_and_sensitive():
+    k1 = stage_key("finetune", {"lr": 1e-4, "task": "a"}, ["x", "y"], ("mmbench", "0.1"))
+    k2 = stage_key("finetune", {"task": "a", "lr": 1e-4}, ["x", "y"], ("mmbench", "0.1"))
+    assert k1 == k2  # key order does not matter
+    assert k1 != stage_key("finetune", {"lr": 2e-4, "task": "a"}, ["x", "y"], ("mmbench", "0.1"))
+    assert k1 != stage_key("finetune", {"lr": 1e-4, "task": "a"}, ["x", "z"], ("mmbench", "0.1"))
+    assert k1 != stage_key("finetune", {"lr": 1e-4, "task": "a"}, ["x", "y"], ("mmbench", "0.2"))
+
+
+def test_roundtrip_and_sha_verification(tmp_path):
+    store = Store(tmp_path)
+    key = "ab" * 32
+    store.save(key, "test", {"w": torch.tensor([1.0, 2.0])}, {"note": "hi"})
+    tensors, info = store.load(key)
+    assert tensors["w"].tolist() == [1.0, 2.0] and info == {"note": "hi"}
+    path = tmp_path / "artifacts" / "ab" / f"{key}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # flip a bit in the tensor payload
+    path.write_bytes(bytes(data))
+    assert store.load(key) is None  # a bad artifact is treated as missing
+    assert store.corrupt and key[:12] in store.corrupt[0]
+
+
+def test_no_temporary_files_left_and_no_pickle(tmp_path):
+    store = Store(tmp_path)
+    store.save("cd" * 32, "test", {"w": torch.zeros(3)}, {})
+    files = sorted(p.name for p in (tmp_path / "artifacts" / "cd").iterdir())
+    assert files == ["cd" * 32 + ".json", "cd" * 32 + ".safetensors"]
+    meta = json.loads((tmp_path / "artifacts" / "cd" / ("cd" * 32 + ".json")).read_text())
+    assert len(meta["sha256"]) == 64
+    # the tensor file is safetensors: an 8-byte header length, then a JSON header
+    raw = (tmp_path / "artifacts" / "cd" / ("cd" * 32 + ".safetensors")).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + header_len])["w"]["dtype"] == "F32"
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(Exception):
+        store.save("ef" * 32, "test", {"w": "not a tensor"}, {})
+    folder = tmp_path / "artifacts" / "ef"
+    assert not folder.exists() or list(folder.iterdir()) == []
