@@ -172,7 +172,16 @@ class TaskData(Protocol):
     class_names: tuple[str, ...]
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images (N, C, H, W) float normalised, labels (N,) int64) of ``train``, ``dev`` or ``test``."""
+        """(images (N, C, H, W) float normalised, labels (N,) int64) of ``train``, ``dev`` or ``test``.
+
+        Materialises the whole split: fine for the embedded presets and small
+        splits; prefer :meth:`batches` for training-size data at paper scale."""
+
+    def size(self, split: str) -> int:
+        """Number of samples in a split."""
+
+    def valid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (low, high) of normalised pixel values, shaped (C, 1, 1)."""
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False,
                 generator: torch.Generator | None = None,

@@ -8,7 +8,6 @@ recomputed; :attr:`RunContext.log` records which were reused and which computed.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import sys
 import time
@@ -205,37 +204,43 @@ class SharedStages:
                      desc: str = "", **overrides: Any) -> tuple[StateDict, dict]:
         recipe = Recipe(**{**asdict(self.preset.recipe), **overrides})
         td = self.task_data(task)
-        x, y = td.tensors("train")
         head = self.heads()[task]
         module = models.build_encoder(self.preset)
         gen = torch.Generator().manual_seed(hash_seed("finetune", task, seed))
         torch.manual_seed(hash_seed("torch", task, seed))
-        return train.finetune(module, init if init is not None else self.pretrained(), x, y,
+        return train.finetune(module, init if init is not None else self.pretrained(), td,
                               lambda f: logits(f, head), recipe, gen, poison=poison, loss=loss,
                               device=self.device,
                               progress=lambda it: self.progress(it, desc=desc or f"fine-tune {task}"))
 
     # evaluation -------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, weights: StateDict, task: str, images: torch.Tensor) -> torch.Tensor:
+    def predictions(self, weights: StateDict, task: str, split: str, trigger: Trigger | None = None,
+                    exclude_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted, true) labels over ``split``, optionally triggered and without one class."""
         module = self.encoder_module()
         head = self.heads()[task]
-        preds = []
-        bs = self.preset.eval_batch_size
-        for start in range(0, images.shape[0], bs):
-            x = images[start:start + bs].to(self.device)
-            preds.append(logits(functional_call(module, weights, (x,)), head).argmax(-1).cpu())
-        return torch.cat(preds)
+        weights = {k: v.to(self.device) for k, v in weights.items()}
+        preds, labels = [], []
+        for x, y in self.task_data(task).batches(split, self.preset.eval_batch_size):
+            if exclude_class is not None:
+                x, y = x[y != exclude_class], y[y != exclude_class]
+                if not len(y):
+                    continue
+            if trigger is not None:
+                x = trigger.apply(x)
+            preds.append(logits(functional_call(module, weights, (x.to(self.device),)), head).argmax(-1).cpu())
+            labels.append(y)
+        return torch.cat(preds), torch.cat(labels)
 
     def accuracy(self, weights: StateDict, task: str, split: str = "test") -> float:
-        x, y = self.task_data(task).tensors(split)
-        return float((self.predict(weights, task, x) == y).float().mean())
+        preds, labels = self.predictions(weights, task, split)
+        return float((preds == labels).float().mean())
 
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                             split: str = "test") -> float:
-        x, y = self.task_data(task).tensors(split)
-        keep = y != target_class  # target-class samples leave numerator and denominator
-        preds = self.predict(weights, task, trigger.apply(x[keep]))
+        # target-class samples leave numerator and denominator (ALGORITHMS.md)
+        preds, _ = self.predictions(weights, task, split, trigger=trigger, exclude_class=target_class)
         return float((preds == target_class).float().mean())
 
 
@@ -326,8 +331,3 @@ class RunContext:
         if not self.shared.quiet:
             self.shared.echo(f"  {message}")
 
-
-@contextlib.contextmanager
-def no_grad_if(flag: bool):
-    with torch.no_grad() if flag else contextlib.nullcontext():
-        yield

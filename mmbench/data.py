@@ -67,6 +67,9 @@ class InMemoryTaskData:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def size(self, split: str) -> int:
+        return int(self._labels[split].shape[0])
+
     def valid_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel (low, high) of normalised pixel values, shaped (C, 1, 1)."""
         return ((0 - self._mean) / self._std)[0], ((1 - self._mean) / self._std)[0]

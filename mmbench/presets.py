@@ -136,7 +136,7 @@ SMOKE = Preset(
     ),
     image_size=16,
     heads="orthogonal",
-    recipe=Recipe(lr=1e-3, weight_decay=0.1, batch_size=64, epochs=2, schedule="onecycle",
+    recipe=Recipe(lr=3e-3, weight_decay=0.1, batch_size=64, epochs=5, schedule="onecycle",
                   warmup_steps=0, grad_clip=1.0, frozen=("conv1",)),
     adversary_task="digits",
     target_class=0,

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .api import LossFn, PoisonFn, StateDict
+from .api import LossFn, PoisonFn, StateDict, TaskData
 from .presets import Recipe
 
 
@@ -27,16 +27,24 @@ def schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps: int):
     raise ValueError(f"unknown schedule {recipe.schedule!r} (cosine | onecycle | constant)")
 
 
+def _full_batches(data: TaskData, split: str, batch_size: int, generator: torch.Generator):
+    """Shuffled batches of ``split``, epoch after epoch; a short last batch is dropped."""
+    while True:
+        for x, y in data.batches(split, batch_size, shuffle=True, generator=generator):
+            if x.shape[0] == batch_size or data.size(split) < batch_size:
+                yield x, y
+
+
 def is_frozen(name: str, recipe: Recipe) -> bool:
     return any(name == p or name.startswith(p) for p in recipe.frozen)
 
 
-def finetune(module: torch.nn.Module, init: StateDict, images: torch.Tensor, labels: torch.Tensor,
+def finetune(module: torch.nn.Module, init: StateDict, data: TaskData,
              classify: Callable[[torch.Tensor], torch.Tensor], recipe: Recipe,
              generator: torch.Generator, *, poison: PoisonFn | None = None, loss: LossFn | None = None,
-             device: torch.device = torch.device("cpu"),
+             device: torch.device = torch.device("cpu"), split: str = "train",
              progress: Callable[[Iterable], Iterable] = lambda it: it) -> tuple[StateDict, dict[str, Any]]:
-    """Fine-tune ``module`` (the image encoder) from ``init`` on (images, labels).
+    """Fine-tune ``module`` (the image encoder) from ``init`` on ``data``'s ``split``.
 
     AdamW(lr, weight decay), the recipe's schedule, grad-norm clipping,
     ``recipe.epochs`` passes of shuffled batches; parameters matching
@@ -51,18 +59,15 @@ def finetune(module: torch.nn.Module, init: StateDict, images: torch.Tensor, lab
         p.requires_grad_(not is_frozen(name, recipe))
         if p.requires_grad:
             trainable.append(p)
-    n = images.shape[0]
+    n = data.size(split)
     steps_per_epoch = max(1, n // recipe.batch_size)
     steps = max(1, int(round(recipe.epochs * steps_per_epoch)))
     opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = schedule(opt, recipe, steps)
-    order = torch.empty(0, dtype=torch.long)
     losses = []
+    batches = _full_batches(data, split, recipe.batch_size, generator)
     for step in progress(range(steps)):
-        if order.numel() < recipe.batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=generator)])
-        idx, order = order[:recipe.batch_size], order[recipe.batch_size:]
-        x, y = images[idx], labels[idx]
+        x, y = next(batches)
         if poison is not None:
             x, y = poison(x, y, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -3,7 +3,7 @@
 Yadav, Tam, Choshen, Raffel, Bansal. "TIES-Merging: Resolving Interference
 When Merging Models." NeurIPS 2023. arXiv:2306.01708.
 
-On the task vectors τ_1..τ_K (every float tensor of the image encoder, each
+On the task vectors τ_1..τ_K (every float tensor of the image encoder; each
 task's tensors read as one flattened vector of d entries):
 
 1. Trim (paper §3, step 1): per task, keep the ``k``·d entries of largest
@@ -15,8 +15,8 @@ task's tensors read as one flattened vector of d entries):
 3. Disjoint merge (step 3, Eq. 2): per coordinate combine only the entries
    T̂_k ≠ 0 with sign(T̂_k) = s: ``"sum"`` (default of the BadMerging and
    AdaMerging code), ``"mean"`` (the paper: divide by the number of agreeing
-   non-zero entries, 0 where there are none) or ``"max"`` (the agreeing entry
-   of largest magnitude, with its sign).
+   entries, 0 where there are none) or ``"max"`` (the agreeing entry of
+   largest magnitude, with its sign).
 4. θ = θ_pre + λ·merged.
 
 Hyperparameters (plugin ``defaults``):
@@ -27,33 +27,51 @@ Hyperparameters (plugin ``defaults``):
 
 Reconstructed / this implementation's choices:
 
-* The trim keeps max(1, round(k·d)) entries, and every entry whose magnitude
-  equals the threshold (ties keep slightly more), as
-  :func:`mmbench.vectors.topk_mask` does. The reference code keeps
-  int(k·d)+1 (its ``kthvalue`` index is off by one): a negligible difference.
+* The trim keeps max(1, round(k·d)) entries plus any whose magnitude equals
+  the threshold (ties keep slightly more), as :func:`mmbench.vectors.topk_mask`
+  does. The reference code keeps int(k·d)+1 (its ``kthvalue`` index is off by
+  one): a negligible difference.
 * If the majority sign is itself 0 (Σ s = 0 exactly), the coordinates whose
-  sum is 0 merge to 0. (The reference code would keep their negative entries.)
-* Magnitudes are compared in float32; the merge is computed in float32 and
-  cast back to θ_pre's dtype. Integer tensors are skipped (kept as in θ_pre);
-  float tensors of θ_pre without a task vector entry are kept as in θ_pre.
+  sum is 0 merge to 0 (the reference code would keep their negative entries).
+* Magnitudes are compared, and the merge computed, in float32; the result is
+  cast back to θ_pre's dtype. Integer tensors are skipped (kept as in θ_pre),
+  as are float tensors of θ_pre that have no task-vector entry.
 
-Scale: :func:`ties_merge` streams. The trim threshold of each task is an
-exact selection by two histogram passes over the float32 bit patterns
+Scale: :func:`ties_merge` streams. Each task's trim threshold is an exact
+selection by two histogram passes over float32 bit patterns
 (:func:`kth_largest_magnitude`); elect and disjoint merge then run tensor by
-tensor on K × ``chunk_size`` blocks. Nothing of size K·d is ever stacked, there
-is no sort and no float64 copy: extra memory is the output, one int8 sign per
-coordinate and a few blocks.
+tensor over chunks of ``chunk_size`` coordinates, one task row at a time.
+Nothing of size K·d is ever stacked, there is no sort and no float64 copy:
+the extra memory is the output, one int8 sign per coordinate and a few chunks.
+A few worker threads share the tasks and tensors (benchmarks/bench_ties.py:
+8 × ViT-B-32 image encoders).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mmbench.api import Merged, Merger, PluginError, StateDict
 from mmbench.vectors import float_items
 
 MERGES = ("sum", "mean", "max")
+CHUNK_SIZE = 1 << 16  # coordinates per step: a chunk of every task row stays in cache
+
+
+def _sign(x: float) -> float:
+    return float((x > 0) - (x < 0))
+
+
+def _just_below(threshold: float) -> float:
+    """The float32 just below ``threshold`` (0 stays 0): ``|x| > _just_below(t)`` ⇔ ``|x| ≥ t``."""
+    if threshold <= 0:
+        return 0.0
+    t = torch.tensor(threshold, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
 
 
 # --- 1. trim ---------------------------------------------------------------
@@ -72,26 +90,27 @@ def _bin_of_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 def kth_largest_magnitude(tensors: Sequence[torch.Tensor], k: int) -> float:
-    """The exact k-th largest |x| over several tensors (counted with repeats), as float32.
+    """The exact k-th largest |x| over several tensors (counting repeats), as float32.
 
     Non-negative float32 numbers order like their bit patterns read as
     integers, so a radix selection finds it: a histogram of the top 16 bits
     picks the bin, a histogram of the low 16 bits within that bin the value.
-    Two streaming passes, tensor by tensor, no sort; same result as
-    :func:`mmbench.vectors.kth_largest_magnitude`, which needs a float32 copy
-    of everything plus ``kthvalue``'s own copy and int64 indices (4× more
-    memory, ~3 s per 88M entries on 2 cores).
+    Two streaming passes, no sort, no copy of the whole vector. Same result as
+    :func:`mmbench.vectors.kth_largest_magnitude`, whose CPU ``kthvalue`` took
+    3.4 s per 88M entries and ~16 bytes of extra memory per entry (its float32
+    buffer, kthvalue's own copy of it and int64 indices).
     """
-    total = sum(t.numel() for t in tensors)
+    pieces = [p for t in tensors for p in t.reshape(-1).split(CHUNK_SIZE * 4)]
+    total = sum(p.numel() for p in pieces)
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], not {k}")
     high = torch.zeros(1 << 15, dtype=torch.int64)
-    for t in tensors:
-        high += torch.bincount(_magnitude_bits(t) >> 16, minlength=1 << 15)
+    for p in pieces:
+        high += torch.bincount(_magnitude_bits(p) >> 16, minlength=1 << 15)
     top, rank = _bin_of_rank(high, k)
     low = torch.zeros(1 << 16, dtype=torch.int64)
-    for t in tensors:
-        bits = _magnitude_bits(t)
+    for p in pieces:
+        bits = _magnitude_bits(p)
         low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
     bottom, _ = _bin_of_rank(low, rank)
     return float(torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32))
@@ -108,24 +127,29 @@ def trim_threshold(task_vector: Mapping[str, torch.Tensor], k: float) -> float:
     return kth_largest_magnitude(tensors, count)
 
 
-def trim_block(block: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """T̂ for a (K, ...) block: row k keeps its entries with |value| ≥ thresholds[k]."""
-    thresholds = thresholds.reshape(-1, *([1] * (block.dim() - 1)))
-    return torch.where(block.abs() >= thresholds, block, 0)
+def trim_tensor(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """T̂: the entries of ``x`` with |x| ≥ threshold (compared in float32), the others zeroed."""
+    if x.dtype == torch.float32:
+        return F.hardshrink(x, _just_below(threshold))
+    return torch.where(x.float().abs() >= threshold, x, 0)
 
 
 def trim(task_vector: Mapping[str, torch.Tensor], k: float) -> StateDict:
     """Step 1 on one whole task vector: zero all but its top-``k`` fraction by magnitude (global)."""
     threshold = trim_threshold(task_vector, k)
-    return {n: torch.where(v.float().abs() >= threshold, v, 0)
-            for n, v in float_items(task_vector).items()}
+    return {n: trim_tensor(v, threshold) for n, v in float_items(task_vector).items()}
 
 
 # --- 2. elect ----------------------------------------------------------------
 
-def elect_block(trimmed: torch.Tensor) -> torch.Tensor:
-    """s = sign(Σ_k T̂_k) over a (K, ...) block; 0 where the sum is 0 (filled by :func:`fill_zero_signs`)."""
-    return torch.sign(trimmed.sum(0))
+def elect_rows(rows: Iterable[torch.Tensor], thresholds: Iterable[float]) -> torch.Tensor:
+    """s = sign(Σ_k T̂_k) for the same coordinates of every task (row k trimmed at thresholds[k]);
+    0 where the sum is 0 (filled afterwards by :func:`fill_zero_signs`)."""
+    total = None
+    for row, threshold in zip(rows, thresholds):
+        trimmed = F.hardshrink(row.float(), _just_below(threshold))
+        total = trimmed if total is None else total.add_(trimmed)
+    return torch.sign(total)
 
 
 def fill_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
@@ -135,61 +159,76 @@ def fill_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
 
 def elect(trimmed: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
     """Step 2 on whole trimmed task vectors: the elected sign (float ±1) of every coordinate."""
-    signs = {n: elect_block(torch.stack([t[n].float() for t in trimmed])) for n in trimmed[0]}
-    majority = float(torch.sign(sum(s.sum() for s in signs.values())))
+    signs = {n: elect_rows([t[n] for t in trimmed], [0.0] * len(trimmed)) for n in trimmed[0]}
+    majority = _sign(sum(float(s.sum()) for s in signs.values()))
     return {n: fill_zero_signs(s, majority) for n, s in signs.items()}
 
 
 # --- 3. disjoint merge --------------------------------------------------------
 
-def agreeing_block(trimmed: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """The entries of a (K, ...) block whose sign is the elected one (zeros never agree)."""
-    return torch.where(trimmed * signs > 0, trimmed, 0)
+def agreeing_magnitudes(row: torch.Tensor, signs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """|T̂_k| where T̂_k ≠ 0 has the elected sign, else 0 (row trimmed at ``threshold`` on the fly)."""
+    return F.threshold(row.float() * signs, _just_below(threshold), 0.0)
 
 
-def disjoint_merge_block(trimmed: torch.Tensor, signs: torch.Tensor, merge: str = "sum") -> torch.Tensor:
-    """Combine the agreeing entries of a (K, ...) block: sum, mean over them, or the largest one."""
-    agreeing = agreeing_block(trimmed, signs)
-    if merge == "sum":
-        return agreeing.sum(0)
-    if merge == "mean":
-        count = (agreeing != 0).sum(0)
-        return agreeing.sum(0) / count.clamp(min=1)
-    if merge == "max":
-        return agreeing.abs().amax(0) * signs
-    raise ValueError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}")
+def disjoint_merge_rows(rows: Iterable[torch.Tensor], signs: torch.Tensor,
+                        thresholds: Iterable[float], merge: str = "sum") -> torch.Tensor:
+    """Combine, coordinate by coordinate, the entries of the task rows that agree with ``signs``."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}")
+    combined = torch.zeros_like(signs)
+    count = torch.zeros_like(signs) if merge == "mean" else None
+    for row, threshold in zip(rows, thresholds):
+        magnitudes = agreeing_magnitudes(row, signs, threshold)
+        if merge == "max":
+            torch.maximum(combined, magnitudes, out=combined)
+        else:
+            combined.add_(magnitudes)
+        if count is not None:
+            count.add_(magnitudes > 0)
+    if count is not None:
+        combined.div_(count.clamp_(min=1))
+    return combined.mul_(signs)
 
 
 def disjoint_merge(trimmed: Sequence[Mapping[str, torch.Tensor]], signs: Mapping[str, torch.Tensor],
                    merge: str = "sum") -> StateDict:
     """Step 3 on whole trimmed task vectors and their elected signs."""
-    return {n: disjoint_merge_block(torch.stack([t[n].float() for t in trimmed]), signs[n], merge)
+    return {n: disjoint_merge_rows([t[n] for t in trimmed], signs[n].float(), [0.0] * len(trimmed), merge)
             for n in signs}
 
 
 def sign_resolved(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: float = 0.2) -> list[StateDict]:
     """Per task, the trimmed entries that agree with the elected sign (AdaMerging++'s inputs):
-    T̂_k ⊙ 1[sign(T̂_k) = s], so that Σ_k of them is the ``"sum"`` disjoint merge."""
+    T̂_k ⊙ 1[sign(T̂_k) = s], so that their sum is the ``"sum"`` disjoint merge."""
     trimmed = [trim(tv, k) for tv in task_vectors]
     signs = elect(trimmed)
-    return [{n: torch.where(t[n].float() * signs[n] > 0, t[n], 0) for n in signs} for t in trimmed]
+    return [{n: (agreeing_magnitudes(t[n], signs[n]) * signs[n]).to(t[n].dtype) for n in signs}
+            for t in trimmed]
 
 
 # --- the whole merge, streamed ------------------------------------------------
 
-def _blocks(task_vectors: Sequence[Mapping[str, torch.Tensor]], name: str,
-            chunk_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
-    """(coordinates, K × n float32 block) of tensor ``name`` across the task vectors, chunk by chunk."""
-    flat = [tv[name].reshape(-1) for tv in task_vectors]
-    for start in range(0, flat[0].numel(), chunk_size):
-        where = slice(start, start + chunk_size)
-        yield where, torch.stack([f[where] for f in flat]).float()
+@contextlib.contextmanager
+def _intra_op_threads(n: int):
+    """Run torch ops with ``n`` intra-op threads: chunk-sized ops gain nothing from OpenMP, and its
+    barriers stall when another process takes a core (a 2-core merge went from 6 s to 110 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ties_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Mapping[str, Mapping[str, torch.Tensor]],
                k: float = 0.2, merge: str = "sum", lam: float = 0.3, *,
-               chunk_size: int = 1 << 20) -> StateDict:
-    """θ = θ_pre + λ·disjoint_merge(elect(trim(τ_1..τ_K))), streamed over K × chunk_size blocks."""
+               chunk_size: int = CHUNK_SIZE, workers: int | None = None) -> StateDict:
+    """θ = θ_pre + λ·disjoint_merge(elect(trim(τ_1..τ_K))), streamed chunk by chunk.
+
+    ``workers`` threads (default: torch's intra-op thread count) share the tasks
+    (thresholds) and the tensors (elect, merge); each runs single-threaded ops.
+    """
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}")
     vectors = [float_items(tv) for tv in task_vectors.values()]
@@ -197,40 +236,47 @@ def ties_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Mapping[str
         raise ValueError("TIES needs at least one task vector")
     names = [n for n, p in pretrained.items() if torch.is_floating_point(p) and n in vectors[0]]
     for tv in vectors:
-        missing = [n for n in names if n not in tv]
-        if missing:
-            raise ValueError(f"task vectors disagree on their tensors (e.g. {missing[0]!r})")
         for n in names:
+            if n not in tv:
+                raise ValueError(f"task vectors disagree on their tensors: {n!r} is missing from one")
             if tv[n].shape != pretrained[n].shape:
                 raise ValueError(f"{n}: task vector shape {tuple(tv[n].shape)} != {tuple(pretrained[n].shape)}")
+    workers = workers or torch.get_num_threads()
 
-    # 1. one threshold per task, over its whole vector
-    thresholds = torch.tensor([trim_threshold({n: tv[n] for n in names}, k) for tv in vectors])
+    def chunks(name: str):
+        """(coordinates, one row per task) of tensor ``name``, chunk by chunk."""
+        flat = [tv[name].reshape(-1) for tv in vectors]
+        for start in range(0, flat[0].numel(), chunk_size):
+            where = slice(start, start + chunk_size)
+            yield where, [f[where] for f in flat]
 
-    # 2. elect, keeping one int8 sign per coordinate and Σ s for the majority sign
-    signs: dict[str, torch.Tensor] = {}
-    sign_total = 0
-    for name in names:
-        signs[name] = torch.empty(pretrained[name].numel(), dtype=torch.int8)
-        for where, block in _blocks(vectors, name, chunk_size):
-            s = elect_block(trim_block(block, thresholds))
-            signs[name][where] = s.to(torch.int8)
-            sign_total += int(s.sum())
-    majority = float((sign_total > 0) - (sign_total < 0))
+    def elect_tensor(name: str) -> tuple[torch.Tensor, float]:
+        signs = torch.empty(pretrained[name].numel(), dtype=torch.int8)
+        total = 0.0
+        for where, rows in chunks(name):
+            s = elect_rows(rows, thresholds)
+            signs[where] = s.to(torch.int8)
+            total += float(s.sum())
+        return signs, total
 
-    # 3. + 4. disjoint merge, θ_pre + λ·merged
-    merged_weights: StateDict = {}
-    for name, weight in pretrained.items():
-        if name not in signs:
-            merged_weights[name] = weight.clone()
-            continue
+    def merge_tensor(name: str) -> torch.Tensor:
+        weight = pretrained[name]
         merged = torch.empty(weight.numel(), dtype=torch.float32)
-        for where, block in _blocks(vectors, name, chunk_size):
+        for where, rows in chunks(name):
             s = fill_zero_signs(signs[name][where].float(), majority)
-            merged[where] = disjoint_merge_block(trim_block(block, thresholds), s, merge)
-        del signs[name]
-        merged_weights[name] = (weight.float() + lam * merged.view_as(weight)).to(weight.dtype)
-    return merged_weights
+            merged[where] = disjoint_merge_rows(rows, s, thresholds, merge)
+        return (weight.float() + lam * merged.view_as(weight)).to(weight.dtype)
+
+    with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
+        # 1. one threshold per task, over its whole vector
+        thresholds = list(pool.map(lambda tv: trim_threshold({n: tv[n] for n in names}, k), vectors))
+        # 2. elect: one int8 sign per coordinate, and Σ s for the majority sign
+        elected = dict(zip(names, pool.map(elect_tensor, names)))
+        signs = {n: s for n, (s, _) in elected.items()}
+        majority = _sign(sum(total for _, total in elected.values()))
+        # 3. + 4. disjoint merge, θ_pre + λ·merged
+        merged = dict(zip(names, pool.map(merge_tensor, names)))
+    return {n: merged[n] if n in merged else w.clone() for n, w in pretrained.items()}
 
 
 class Ties(Merger):
@@ -245,7 +291,7 @@ class Ties(Merger):
         params = {**self.defaults, **params}
         k, merge, lam = float(params["k"]), params["merge"], float(params["lambda"])
         if not k > 0:
-            raise PluginError(f"ties: k must be > 0 (a fraction of entries kept), not {k}")
+            raise PluginError(f"ties: k must be > 0 (the fraction of entries kept), not {k}")
         if merge not in MERGES:
             raise PluginError(f"ties: merge must be one of {', '.join(MERGES)}, not {merge!r}")
         if not task_vectors:
@@ -254,7 +300,7 @@ class Ties(Merger):
         return Merged(weights, info={"k": k, "merge": merge, "lambda": lam})
 
 
-import mmbench  # noqa: E402  (the hook below is this module's only tie to the harness)
+import mmbench  # noqa: E402  (the hook is this module's only tie to the harness)
 
 
 @mmbench.hookimpl

@@ -1,0 +1,221 @@
+"""TIES-Merging on hand-checkable tensors (plugins/mergers/ties.py)."""
+import pytest
+import torch
+
+from mmbench.api import Merged, PluginError
+from mmbench_plugins.mergers import ties
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# --- trim --------------------------------------------------------------------
+
+def test_trim_keeps_every_entry_tied_at_the_threshold():
+    # k=0.2 of 5 entries keeps 1, but |3| = |-3| are tied at the threshold: both stay
+    task_vector = {"w": t(3, -3, 1, 0.5, 2)}
+    assert ties.trim_threshold(task_vector, 0.2) == 3.0
+    assert torch.equal(ties.trim(task_vector, 0.2)["w"], t(3, -3, 0, 0, 0))
+
+
+def test_trim_is_global_over_the_task_not_per_layer():
+    # the top half of 6 entries all sit in "big"; a per-layer trim would keep 0.3 and -0.2 of "small"
+    task_vector = {"big": t(10, -9, 8), "small": t(0.1, -0.2, 0.3)}
+    trimmed = ties.trim(task_vector, 0.5)
+    assert torch.equal(trimmed["big"], t(10, -9, 8))
+    assert torch.equal(trimmed["small"], t(0, 0, 0))
+
+
+def test_trim_threshold_keeps_round_k_d_entries():
+    task_vector = {"a": t(1, 2, 3, 4), "b": t(-5, 6, -7, 8, 9, 10)}
+    assert ties.trim_threshold(task_vector, 0.3) == 8.0   # round(3.0) = 3 kept: 10, 9, 8
+    assert ties.trim_threshold(task_vector, 0.25) == 9.0  # round(2.5) = 2 (banker's rounding): 10, 9
+    assert ties.trim_threshold(task_vector, 0.01) == 10.0  # at least one entry survives
+    assert ties.trim_threshold(task_vector, 1.0) == 0.0   # keep everything
+    assert torch.equal(ties.trim(task_vector, 1.0)["a"], task_vector["a"])
+
+
+def test_kth_largest_magnitude_is_exact():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1000, generator=g) * 1e-3, torch.randn(37, 11, generator=g),
+               torch.tensor([0.0, -0.0, 1e-42, -1e-42, 5.0, -5.0, 5.0]),  # zeros, denormals, repeats
+               torch.randn(500, generator=g).half()]
+    magnitudes = torch.cat([x.reshape(-1).float().abs() for x in tensors]).sort(descending=True).values
+    for k in (1, 2, 3, 4, 17, 500, 1000, magnitudes.numel() - 3, magnitudes.numel()):
+        assert ties.kth_largest_magnitude(tensors, k) == float(magnitudes[k - 1]), k
+    with pytest.raises(ValueError):
+        ties.kth_largest_magnitude(tensors, 0)
+
+
+# --- elect -------------------------------------------------------------------
+
+def test_elect_is_the_sign_of_the_sum_not_of_the_majority_of_entries():
+    trimmed = [{"w": t(1, -1)}, {"w": t(1, -1)}, {"w": t(-5, 3)}]
+    assert torch.equal(ties.elect(trimmed)["w"], t(-1, 1))
+
+
+def test_zero_sum_takes_the_majority_sign_of_the_whole_vector():
+    # coordinate "a"[0] sums to 0; the other three coordinates elect -1, -1, +1: majority -1
+    trimmed = [{"a": t(2, -1), "b": t(-1, 4)}, {"a": t(-2, -1), "b": t(-1, 0)}]
+    signs = ties.elect(trimmed)
+    assert torch.equal(signs["a"], t(-1, -1))
+    assert torch.equal(signs["b"], t(-1, 1))
+    merged = ties.disjoint_merge(trimmed, signs, "sum")
+    assert torch.equal(merged["a"], t(-2, -2))  # only the entry agreeing with the majority sign
+    assert torch.equal(merged["b"], t(-2, 4))
+
+
+def test_zero_sum_with_a_positive_majority():
+    trimmed = [{"w": t(2, 1, 0)}, {"w": t(-2, 1, 0)}]
+    signs = ties.elect(trimmed)
+    assert torch.equal(signs["w"], t(1, 1, 1))
+    assert torch.equal(ties.disjoint_merge(trimmed, signs, "sum")["w"], t(2, 2, 0))
+
+
+def test_zero_sum_merges_to_zero_when_the_majority_is_itself_zero():
+    trimmed = [{"w": t(2, 1, -1)}, {"w": t(-2, 1, -1)}]
+    signs = ties.elect(trimmed)
+    assert torch.equal(signs["w"], t(0, 1, -1))
+    assert torch.equal(ties.disjoint_merge(trimmed, signs, "sum")["w"], t(0, 2, -2))
+
+
+# --- disjoint merge ------------------------------------------------------------
+
+@pytest.mark.parametrize("merge, expected", [
+    ("sum", t(6, -4, 0)),
+    ("mean", t(2, -4, 0)),   # zeros do not count: 6 / 3 agreeing entries; 0 (not NaN) where none
+    ("max", t(3, -4, 0)),    # the largest agreeing entry, with its sign
+])
+def test_sum_mean_max(merge, expected):
+    trimmed = [{"w": t(3, 1, 0)}, {"w": t(1, -4, 0)}, {"w": t(2, 1, 0)}, {"w": t(0, 0, 0)}]
+    signs = ties.elect(trimmed)
+    assert torch.equal(signs["w"], t(1, -1, 0))  # Σ = (6, -2, 0); the majority of (+1, -1) is 0
+    assert torch.equal(ties.disjoint_merge(trimmed, signs, merge)["w"], expected)
+
+
+def test_unknown_merge_is_an_error():
+    with pytest.raises(ValueError, match="merge"):
+        ties.disjoint_merge([{"w": t(1)}], {"w": t(1)}, "median")
+
+
+# --- the whole merge -------------------------------------------------------------
+
+def test_ties_merge_by_hand():
+    pretrained = {"w": t(1, 1, 1, 1), "b": t(0, 0)}
+    task_vectors = {
+        "A": {"w": t(4, -1, 0.5, 3), "b": t(0.1, -2)},  # k=0.5 of 6: keeps 4, 3, -2
+        "B": {"w": t(-1, -6, 5, 0.2), "b": t(1, 0.3)},  # keeps -6, 5, 1
+    }
+    # trimmed A: w (4, 0, 0, 3), b (0, -2); B: w (0, -6, 5, 0), b (1, 0)
+    # signs: w (+, -, +, +), b (+, -) ; sum: w (4, -6, 5, 3), b (1, -2)
+    merged = ties.ties_merge(pretrained, task_vectors, k=0.5, merge="sum", lam=0.5)
+    assert torch.equal(merged["w"], t(3, -2, 3.5, 2.5))
+    assert torch.equal(merged["b"], t(0.5, -1))
+
+
+def test_integer_buffers_are_skipped():
+    pretrained = {"w": t(1, 1, 1), "steps": torch.tensor([7]), "ids": torch.arange(3)}
+    task_vectors = {"A": {"w": t(1, -2, 3), "steps": torch.tensor([1000])},
+                    "B": {"w": t(2, -3, -1), "steps": torch.tensor([-1000])}}
+    merged = ties.ties_merge(pretrained, task_vectors, k=0.5, lam=1.0)
+    # trimmed A (0, -2, 3), B (2, -3, 0); were "steps" counted it would take a place in each trim
+    assert torch.equal(merged["w"], t(1 + 2, 1 - 5, 1 + 3))
+    assert merged["steps"].dtype == torch.int64 and torch.equal(merged["steps"], torch.tensor([7]))
+    assert torch.equal(merged["ids"], torch.arange(3))
+
+
+def _random_case(seed, shapes=((5, 7), (13,), (4, 4, 3))):
+    g = torch.Generator().manual_seed(seed)
+    pretrained = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    task_vectors = {f"task{k}": {n: torch.randn(v.shape, generator=g) * (k + 1) for n, v in pretrained.items()}
+                    for k in range(4)}
+    # exact cancellations among surviving entries: the majority sign matters there
+    a, b = task_vectors["task0"]["p0"], task_vectors["task2"]["p0"]
+    a[0, :4] = t(20, -20, 30, -30)
+    b[0, :4] = -a[0, :4]
+    for name in ("task1", "task3"):
+        task_vectors[name]["p0"][0, :4] = 0
+    return pretrained, task_vectors
+
+
+@pytest.mark.parametrize("merge", ties.MERGES)
+def test_streamed_merge_equals_the_three_steps(merge):
+    pretrained, task_vectors = _random_case(1)
+    before = {k: {n: v.clone() for n, v in tv.items()} for k, tv in task_vectors.items()}
+    trimmed = [ties.trim(tv, 0.3) for tv in task_vectors.values()]
+    signs = ties.elect(trimmed)
+    expected = ties.disjoint_merge(trimmed, signs, merge)
+    for chunk_size, workers in ((1 << 16, 1), (3, 2), (1, 1)):
+        merged = ties.ties_merge(pretrained, task_vectors, k=0.3, merge=merge, lam=0.7,
+                                 chunk_size=chunk_size, workers=workers)
+        for n, p in pretrained.items():
+            assert torch.equal(merged[n], p + 0.7 * expected[n]), (n, chunk_size)
+    assert all(torch.equal(task_vectors[k][n], before[k][n]) for k in before for n in before[k])
+
+
+def test_cancelled_coordinates_follow_the_majority_sign_when_streamed():
+    pretrained, task_vectors = _random_case(2)
+    merged = ties.ties_merge(pretrained, task_vectors, k=0.3, lam=1.0, chunk_size=2)
+    trimmed = [ties.trim(tv, 0.3) for tv in task_vectors.values()]
+    majority = torch.sign(sum(torch.sign(sum(tr[n] for tr in trimmed)).sum() for n in pretrained))
+    assert majority != 0
+    # each cancelled coordinate keeps the one entry whose sign is the majority's
+    expected = pretrained["p0"][0, :4] + majority * t(20, 20, 30, 30)
+    assert torch.equal(merged["p0"][0, :4], expected)
+
+
+def test_dtype_of_pretrained_is_kept():
+    pretrained = {"w": t(1, 2, 3).half()}
+    merged = ties.ties_merge(pretrained, {"A": {"w": t(1, 1, -1).half()}}, k=1.0, lam=1.0)
+    assert merged["w"].dtype == torch.float16 and torch.equal(merged["w"], t(2, 3, 2).half())
+
+
+def test_sign_resolved_vectors_sum_to_the_sum_merge():
+    pretrained, task_vectors = _random_case(3)
+    resolved = ties.sign_resolved(list(task_vectors.values()), k=0.3)
+    merged = ties.ties_merge(pretrained, task_vectors, k=0.3, merge="sum", lam=1.0)
+    for n, p in pretrained.items():
+        assert torch.allclose(p + sum(r[n] for r in resolved), merged[n], rtol=0, atol=1e-5)
+
+
+# --- the plugin ------------------------------------------------------------------
+
+def test_plugin_registers_through_the_hook():
+    registered = []
+    ties.mmbench_register_mergers(registered.append)
+    (plugin,) = registered
+    assert plugin.name == "ties" and plugin.kind == "merger"
+    assert plugin.defaults == {"k": 0.2, "merge": "sum", "lambda": 0.3}
+
+
+def test_plugin_merge_uses_its_parameters():
+    pretrained, task_vectors = _random_case(4)
+    result = ties.Ties().merge(pretrained, task_vectors, None, {"k": 0.5, "merge": "max", "lambda": 1.5})
+    assert isinstance(result, Merged)
+    expected = ties.ties_merge(pretrained, task_vectors, k=0.5, merge="max", lam=1.5)
+    assert all(torch.equal(result.weights[n], expected[n]) for n in pretrained)
+    assert result.info == {"k": 0.5, "merge": "max", "lambda": 1.5}
+    defaults = ties.Ties().merge(pretrained, task_vectors, None, {})
+    assert all(torch.equal(defaults.weights[n], ties.ties_merge(pretrained, task_vectors)[n]) for n in pretrained)
+
+
+@pytest.mark.parametrize("params", [{"merge": "median"}, {"k": 0}, {"k": -0.1}])
+def test_plugin_rejects_bad_parameters(params):
+    pretrained, task_vectors = _random_case(5)
+    with pytest.raises(PluginError):
+        ties.Ties().merge(pretrained, task_vectors, None, params)
+
+
+def test_hook_matches_the_hookspec():
+    import pluggy
+
+    from mmbench import hookspecs
+
+    pm = pluggy.PluginManager("mmbench")
+    pm.add_hookspecs(hookspecs)
+    pm.register(ties)
+    pm.check_pending()
+    registered = []
+    pm.hook.mmbench_register_mergers(register=registered.append)
+    assert [type(p) for p in registered] == [ties.Ties]
