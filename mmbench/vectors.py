@@ -5,7 +5,7 @@ ALGORITHMS.md). Functions never modify their inputs.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -84,23 +84,47 @@ def topk_mask(a: StateDict, fraction: float) -> StateDict:
     k = max(1, int(round(fraction * total)))
     if k >= total:
         return {n: torch.ones_like(v, dtype=torch.bool) for n, v in a.items()}
-    threshold = kth_largest_magnitude(a.values(), k)
+    threshold = kth_largest_magnitude(list(a.values()), k)
     return {n: v.abs() >= threshold for n, v in a.items()}
 
 
-def kth_largest_magnitude(tensors: Iterable[torch.Tensor], k: int) -> torch.Tensor:
-    """The k-th largest |x| over several tensors, without concatenating copies of all of them
-    in float64: one float32 buffer of magnitudes and ``kthvalue`` (a selection, no full sort)."""
-    tensors = list(tensors)
-    total = sum(t.numel() for t in tensors)
-    magnitudes = torch.empty(total, dtype=torch.float32)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        torch.abs(t.reshape(-1).float(), out=magnitudes[offset:offset + n])
-        offset += n
-    # k-th largest == (total − k + 1)-th smallest
-    return magnitudes.kthvalue(total - k + 1).values
+def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
+    """|t| as float32 bit patterns read as int32 (the sign bit cleared)."""
+    return t.reshape(-1).float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _bin_of_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th largest value, and that value's rank within the bin."""
+    at_or_above = histogram.flip(0).cumsum(0).flip(0)
+    b = int((at_or_above >= rank).nonzero().max())
+    above = int(at_or_above[b + 1]) if b + 1 < histogram.numel() else 0
+    return b, rank - above
+
+
+def kth_largest_magnitude(tensors: Sequence[torch.Tensor], k: int) -> float:
+    """The exact k-th largest |x| over several tensors (counting repeats), as float32.
+
+    Non-negative float32 numbers order like their bit patterns read as
+    integers, so a radix selection finds it: a histogram of the top 16 bits
+    picks the bin, a histogram of the low 16 bits within that bin the value.
+    Two streaming passes, no sort, no copy of the whole vector. (CPU ``kthvalue`` took
+    3.4 s per 88M entries and ~16 bytes of extra memory per entry: its float32
+    buffer, its own copy of it and int64 indices; this takes ~0.4 s.)
+    """
+    pieces = [p for t in tensors for p in t.reshape(-1).split(1 << 18)]
+    total = sum(p.numel() for p in pieces)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], not {k}")
+    high = torch.zeros(1 << 15, dtype=torch.int64)
+    for p in pieces:
+        high += torch.bincount(_magnitude_bits(p) >> 16, minlength=1 << 15)
+    top, rank = _bin_of_rank(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for p in pieces:
+        bits = _magnitude_bits(p)
+        low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
+    bottom, _ = _bin_of_rank(low, rank)
+    return float(torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32))
 
 
 def topk(a: StateDict, fraction: float) -> StateDict:

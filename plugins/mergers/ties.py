@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from mmbench.api import Merged, Merger, PluginError, StateDict
-from mmbench.vectors import float_items
+from mmbench.vectors import float_items, kth_largest_magnitude
 
 MERGES = ("sum", "mean", "max")
 CHUNK_SIZE = 1 << 16  # coordinates per step: a chunk of every task row stays in cache
@@ -75,46 +75,6 @@ def _just_below(threshold: float) -> float:
 
 
 # --- 1. trim ---------------------------------------------------------------
-
-def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
-    """|t| as float32 bit patterns read as int32 (the sign bit cleared)."""
-    return t.reshape(-1).float().view(torch.int32) & 0x7FFFFFFF
-
-
-def _bin_of_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bin holding the ``rank``-th largest value, and that value's rank within the bin."""
-    at_or_above = histogram.flip(0).cumsum(0).flip(0)
-    b = int((at_or_above >= rank).nonzero().max())
-    above = int(at_or_above[b + 1]) if b + 1 < histogram.numel() else 0
-    return b, rank - above
-
-
-def kth_largest_magnitude(tensors: Sequence[torch.Tensor], k: int) -> float:
-    """The exact k-th largest |x| over several tensors (counting repeats), as float32.
-
-    Non-negative float32 numbers order like their bit patterns read as
-    integers, so a radix selection finds it: a histogram of the top 16 bits
-    picks the bin, a histogram of the low 16 bits within that bin the value.
-    Two streaming passes, no sort, no copy of the whole vector. Same result as
-    :func:`mmbench.vectors.kth_largest_magnitude`, whose CPU ``kthvalue`` took
-    3.4 s per 88M entries and ~16 bytes of extra memory per entry (its float32
-    buffer, kthvalue's own copy of it and int64 indices).
-    """
-    pieces = [p for t in tensors for p in t.reshape(-1).split(CHUNK_SIZE * 4)]
-    total = sum(p.numel() for p in pieces)
-    if not 1 <= k <= total:
-        raise ValueError(f"k must be in [1, {total}], not {k}")
-    high = torch.zeros(1 << 15, dtype=torch.int64)
-    for p in pieces:
-        high += torch.bincount(_magnitude_bits(p) >> 16, minlength=1 << 15)
-    top, rank = _bin_of_rank(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
-    for p in pieces:
-        bits = _magnitude_bits(p)
-        low += torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=1 << 16)
-    bottom, _ = _bin_of_rank(low, rank)
-    return float(torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32))
-
 
 def trim_threshold(task_vector: Mapping[str, torch.Tensor], k: float) -> float:
     """The magnitude an entry needs to survive the trim: the max(1, round(k·d))-th largest
