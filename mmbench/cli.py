@@ -34,6 +34,17 @@ def _preset(registry, name: str):
     return registry.get("preset", name).obj
 
 
+def _with_batch_size(preset, batch_size: int | None):
+    """The preset with ``--batch-size`` as its fine-tuning batch (part of the keys: new fine-tunes)."""
+    if batch_size is None:
+        return preset
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, not {batch_size}")
+    from dataclasses import replace
+
+    return replace(preset, recipe=replace(preset.recipe, batch_size=batch_size))
+
+
 def _fmt(value: Any) -> str:
     return "" if value is None else f"{100 * value:5.1f}"
 
@@ -69,7 +80,7 @@ def cmd_run(args) -> int:
     registry = load()
     for name, why in sorted(registry.broken.items()):
         print(f"mmbench: warning: plugin {name!r} failed to load and is skipped: {why}", file=sys.stderr)
-    preset = _preset(registry, args.preset)
+    preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,6 +120,23 @@ def cmd_run(args) -> int:
         echo(f"warning: artifact {bad} failed verification and was recomputed")
     echo(f"done in {seconds:.1f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") and args.strict else 0
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from .estimate import plan_rows, render
+    from .plan import Runner, parse_overrides
+    from .store import Store
+
+    registry = load()
+    preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
+    overrides = parse_overrides(args.set or [], registry)
+    runner = Runner(registry, preset, Store(args.store), torch.device("cpu"), rerun="never",
+                    overrides=overrides, quiet=True, echo=lambda m: None)
+    cells = runner.cells(args.attack, args.merger, args.defense, args.seed)
+    print(render(runner, cells, plan_rows(runner, cells)))
+    return 0
 
 
 def cmd_leaderboard(args) -> int:
@@ -156,7 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="fine-tuning batch size instead of the preset's (changes the fine-tune keys)")
     run.set_defaults(func=cmd_run)
+
+    plan = sub.add_parser("plan", help="show the stage graph, what is cached and a GPU-time estimate "
+                                       "(computes and downloads nothing)")
+    plan.add_argument("--preset", default="tiny")
+    plan.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
+    plan.add_argument("--merger", action="append", help="merger name (repeatable)")
+    plan.add_argument("--defense", action="append", help="defense name (repeatable)")
+    plan.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+    plan.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
+    plan.add_argument("--batch-size", type=int, default=None, help="as for run")
+    plan.add_argument("--store", default=DEFAULT_STORE)
+    plan.set_defaults(func=cmd_plan)
 
     plugins = sub.add_parser("plugins", help="list installed attacks, mergers, defenses and presets")
     plugins.set_defaults(func=cmd_plugins)

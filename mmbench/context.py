@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -93,20 +93,36 @@ class SharedStages:
 
     # data ---------------------------------------------------------------------
     def data_key(self, task: str) -> str:
-        spec = self.preset.task(task)
-        return stage_key("data", {"task": asdict(spec), "split_seed": data_mod.SPLIT_SEED}, plugin=CORE)
+        spec = asdict(self.preset.task(task))
+        spec.pop("epochs", None)  # a training setting, not a property of the data
+        return stage_key("data", {"task": spec, "split_seed": data_mod.SPLIT_SEED}, plugin=CORE)
 
-    def task_data(self, task: str) -> data_mod.InMemoryTaskData:
+    def task_data(self, task: str):
         memo = f"taskdata:{task}"
         if memo not in self._memo:
             spec = self.preset.task(task)
-
-            def compute():
-                names, splits = data_mod.load_raw_splits(spec)
-                return data_mod.to_tensors(names, splits), {"class_names": list(names)}
-            tensors, info = self.stage(f"data[{task}]", self.data_key(task), "data", compute)
-            self._memo[memo] = data_mod.from_tensors(task, tuple(info["class_names"]), tensors, self.preset)
+            tensors, info = self.stage(f"data[{task}]", self.data_key(task), "data",
+                                       lambda: data_mod.stage(spec))
+            self._memo[f"datainfo:{task}"] = info
+            self._memo[memo] = data_mod.task_data(task, spec, tensors, info, self.preset, device=self.device)
         return self._memo[memo]
+
+    def data_sources(self) -> dict[str, dict[str, Any]]:
+        """Per task: its source and, for hf tasks, dataset id, config, revision and (once the
+        data stage is loaded or stored) the commit it resolved to. Computes nothing."""
+        out: dict[str, dict[str, Any]] = {}
+        for spec in self.preset.tasks:
+            entry: dict[str, Any] = {"source": spec.source}
+            if spec.source == "hf":
+                entry.update({k: spec.source_args.get(k) for k in ("path", "name", "revision")})
+                info = self._memo.get(f"datainfo:{spec.name}")
+                if info is None and self.store.has(self.data_key(spec.name)):
+                    loaded = self.store.load(self.data_key(spec.name))
+                    info = loaded[1] if loaded else None
+                if info:
+                    entry["resolved_revision"] = info.get("source", {}).get("resolved_revision")
+            out[spec.name] = entry
+        return out
 
     # base model and heads -----------------------------------------------------
     def base_key(self) -> str:
@@ -144,8 +160,13 @@ class SharedStages:
         return self._memo[memo]
 
     def heads_key(self) -> str:
-        return stage_key("heads", {"kind": self.preset.heads, "tasks": self.preset.task_names},
-                         [self.base_key()], plugin=CORE)
+        params: dict[str, Any] = {"kind": self.preset.heads, "tasks": self.preset.task_names}
+        inputs = [self.base_key()]
+        if self.preset.heads == "zeroshot":  # the prompts and the data's class names make the head
+            from .zeroshot import templates_for
+            params["templates"] = {t.name: list(templates_for(t)) for t in self.preset.tasks}
+            inputs += [self.data_key(t) for t in self.preset.task_names]
+        return stage_key("heads", params, inputs, plugin=CORE)
 
     def heads(self) -> dict[str, torch.Tensor]:
         memo = "heads"
@@ -162,13 +183,13 @@ class SharedStages:
                 heads = models.orthogonal_heads(counts, embed_dim, info["logit_scale"],
                                                 torch.Generator().manual_seed(0))
             elif self.preset.heads == "zeroshot":
-                from .zeroshot import templates_for
+                from .zeroshot import build_head
 
                 model = models.create_clip(self.preset.model, load_pretrained=False)
                 model.load_state_dict(state)
                 tok = models.tokenizer(self.preset.model)
-                heads = {t: models.zeroshot_head(model, tok, self.task_data(t).class_names,
-                                                 templates_for(self.preset.task(t)))
+                heads = {t: build_head(model, tok, self.task_data(t).class_names, self.preset.task(t),
+                                       device=self.device)
                          for t in self.preset.task_names}
             else:
                 raise ValueError(f"unknown head kind {self.preset.heads!r} (orthogonal | zeroshot)")
@@ -188,8 +209,13 @@ class SharedStages:
         return self._encoder_module
 
     # clean fine-tunes -----------------------------------------------------------
+    def recipe(self, task: str) -> Recipe:
+        """The preset's recipe with the task's own epochs (``TaskSpec.epochs``) when set."""
+        epochs = self.preset.task(task).epochs
+        return self.preset.recipe if epochs is None else replace(self.preset.recipe, epochs=epochs)
+
     def finetune_key(self, task: str, seed: int) -> str:
-        return stage_key("finetune", {"task": task, "seed": seed, "recipe": asdict(self.preset.recipe)},
+        return stage_key("finetune", {"task": task, "seed": seed, "recipe": asdict(self.recipe(task))},
                          [self.base_key(), self.heads_key(), self.data_key(task)], plugin=CORE)
 
     def clean_finetune(self, task: str, seed: int, force: bool = False) -> StateDict:
@@ -202,7 +228,7 @@ class SharedStages:
 
     def run_finetune(self, task: str, *, seed: int, init: StateDict | None = None, poison=None, loss=None,
                      desc: str = "", **overrides: Any) -> tuple[StateDict, dict]:
-        recipe = Recipe(**{**asdict(self.preset.recipe), **overrides})
+        recipe = Recipe(**{**asdict(self.recipe(task)), **overrides})
         td = self.task_data(task)
         head = self.heads()[task]
         module = models.build_encoder(self.preset)
@@ -229,7 +255,8 @@ class SharedStages:
                     continue
             if trigger is not None:
                 x = trigger.apply(x)
-            preds.append(logits(functional_call(module, weights, (x.to(self.device),)), head).argmax(-1).cpu())
+            with train.autocast(self.device):
+                preds.append(logits(functional_call(module, weights, (x.to(self.device),)), head).argmax(-1).cpu())
             labels.append(y)
         return torch.cat(preds), torch.cat(labels)
 

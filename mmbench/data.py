@@ -31,7 +31,7 @@ def load_raw_splits(spec: TaskSpec) -> tuple[tuple[str, ...], dict[str, tuple[np
 
     if spec.source not in sources.SOURCES:
         raise DataError(f"task {spec.name!r}: unknown source {spec.source!r}; "
-                        f"known: {', '.join(sorted(sources.SOURCES))}")
+                        f"known: hf, {', '.join(sorted(sources.SOURCES))}")
     try:
         raw = sources.SOURCES[spec.source](**spec.source_args)
     except sources.SourceError as exc:
@@ -108,3 +108,22 @@ def from_tensors(name: str, class_names: tuple[str, ...], tensors: dict[str, tor
     images = {k.split(".")[0]: v for k, v in tensors.items() if k.endswith(".images")}
     labels = {k.split(".")[0]: v for k, v in tensors.items() if k.endswith(".labels")}
     return InMemoryTaskData(name, class_names, images, labels, preset.mean, preset.std)
+
+
+def stage(spec: TaskSpec) -> tuple[dict[str, torch.Tensor], dict]:
+    """What the ``data[task]`` stage stores: uint8 images of a ``mmbench.sources`` task, or
+    split row indices and provenance of an ``hf`` task (``mmbench.hf``, images stay in its cache)."""
+    if spec.source == "hf":
+        from . import hf
+        return hf.data_stage(spec)
+    names, splits = load_raw_splits(spec)
+    return to_tensors(names, splits), {"class_names": list(names)}
+
+
+def task_data(name: str, spec: TaskSpec, tensors: dict[str, torch.Tensor], info: dict, preset: Preset,
+              device: torch.device | None = None):
+    """The :class:`~mmbench.api.TaskData` of a loaded ``data[task]`` stage."""
+    if spec.source == "hf":
+        from . import hf
+        return hf.HFTaskData.from_stage(name, spec, tensors, info, preset, device=device)
+    return from_tensors(name, tuple(info["class_names"]), tensors, preset)

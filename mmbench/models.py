@@ -112,7 +112,7 @@ def contrastive_pretrain(model: torch.nn.Module, spec: ModelSpec, images: torch.
         loss_value = loss.item()
     model.eval()
     model.token_embedding.weight.requires_grad_(True)
-    return {"final_loss": loss_value, "logit_scale": float(model.logit_scale.exp())}
+    return {"final_loss": loss_value, "logit_scale": model.logit_scale.exp().item()}
 
 
 def orthogonal_heads(class_counts: dict[str, int], embed_dim: int, scale: float,

@@ -106,6 +106,10 @@ class Runner:
         m = pick("merger", mergers)
         d = pick("defense", defenses)
         s = seeds or list(self.preset.seeds)
+        for kind, names in (("attack", [x for x in a if x != NO_ATTACK]),
+                            ("merger", m), ("defense", d)):
+            for name in names:
+                self.params(kind, name)  # an unknown --set key is a user error before anything runs
         if not m or not d:
             raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
         return [Cell(self.preset.name, *combo) for combo in
@@ -222,6 +226,7 @@ class Runner:
         }
         start = time.perf_counter()
         try:
+            result["data"] = self.shared.data_sources()  # dataset ids + revisions of every task
             result["params"] = {"merger": self.params("merger", cell.merger),
                                 "defense": self.params("defense", cell.defense)}
             base = RunContext(self.shared, cell.seed)

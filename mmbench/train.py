@@ -1,6 +1,7 @@
 """The one fine-tuning loop: clean, poisoned, or with a plugin's own loss."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Iterable
 
@@ -9,6 +10,13 @@ import torch.nn.functional as F
 
 from .api import LossFn, PoisonFn, StateDict, TaskData
 from .presets import Recipe
+
+
+def autocast(device: torch.device | str):
+    """bf16 autocast on CUDA (the paper presets on a GPU); nothing elsewhere, so CPU runs are unchanged."""
+    if torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def schedule(opt: torch.optim.Optimizer, recipe: Recipe, steps: int):
@@ -71,10 +79,11 @@ def finetune(module: torch.nn.Module, init: StateDict, data: TaskData,
         if poison is not None:
             x, y = poison(x, y, generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if loss is None:
-            value = F.cross_entropy(classify(module(x)), y)
-        else:
-            value = loss(module, x, y, step)
+        with autocast(device):
+            if loss is None:
+                value = F.cross_entropy(classify(module(x)), y)
+            else:
+                value = loss(module, x, y, step)
         opt.zero_grad(set_to_none=True)
         value.backward()
         if recipe.grad_clip:
