@@ -95,7 +95,8 @@ class SharedStages:
     def data_key(self, task: str) -> str:
         spec = asdict(self.preset.task(task))
         spec.pop("epochs", None)  # a training setting, not a property of the data
-        return stage_key("data", {"task": spec, "split_seed": data_mod.SPLIT_SEED}, plugin=CORE)
+        return stage_key("data", {"task": spec, "split_seed": data_mod.SPLIT_SEED,
+                                  "format": data_mod.DATA_FORMAT}, plugin=CORE)
 
     def task_data(self, task: str):
         memo = f"taskdata:{task}"

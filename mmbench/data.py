@@ -19,6 +19,8 @@ from .presets import Preset, TaskSpec
 
 SPLITS = ("train", "dev", "test", "pretrain")
 SPLIT_SEED = 20240601
+# Bump when a loader in mmbench.sources / mmbench.hf changes what it returns: part of the data keys.
+DATA_FORMAT = 1
 
 
 class DataError(Exception):

@@ -43,3 +43,17 @@ def poison_batch(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, t
     images[chosen] = trigger.apply(images[chosen])
     labels[chosen] = target
     return images, labels
+
+
+def uniform_patch(side: int, low: torch.Tensor, high: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A (C, side, side) patch drawn uniformly per channel between ``low`` and ``high``
+    (pass the normalised image range: the start of an optimised trigger)."""
+    low, high = low.reshape(-1, 1, 1), high.reshape(-1, 1, 1)
+    noise = torch.rand(low.shape[0], side, side, generator=generator)
+    return low + (high - low) * noise
+
+
+def clamp_channels(images: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Clamp (…, C, H, W) values to the per-channel range [low, high] (each (C,) or (C, 1, 1))."""
+    low, high = low.reshape(-1, 1, 1).to(images), high.reshape(-1, 1, 1).to(images)
+    return torch.maximum(torch.minimum(images, high), low)
