@@ -48,7 +48,7 @@ class Registered:
 def unknown_name(kind: str, name: str, known: list[str]) -> UsageError:
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UsageError(f"unknown {kind} {name!r}; installed: {', '.join(sorted(known)) or 'none'}{hint}")
+    return UsageError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known)) or 'none'}{hint}")
 
 
 class Registry:

@@ -307,7 +307,7 @@ def _animal_mnist_dir() -> Path:
     # tensorflow).
     spec = importlib.util.find_spec("animal_mnist")
     if spec is None or not spec.submodule_search_locations:
-        raise SourceError("animal-mnist not installed: install it with `pip install animal-mnist`")
+        raise SourceError("animal-mnist not installed: run ./install.sh or `pip install --no-deps animal-mnist`")
     for loc in spec.submodule_search_locations:
         d = Path(loc) / "data" / "Animal_MNIST"
         if (d / _ANIMAL_DATA).is_file() and (d / _ANIMAL_LABELS).is_file():
