@@ -134,7 +134,8 @@ TINY = Preset(
     # Measured on this preset (docs/presets.md): TA λ = 0.5 chosen on the dev split (the TA
     # paper's procedure; 3 tasks need a larger λ than the papers' 0.3 for 6–8 tasks); BadNets
     # needs 20% poison to reach ≥ 90% ASR alone under this recipe (as PROBES.md found).
-    plugin_params={"ta": {"lambda": 0.5}, "ties": {"lambda": 1.3}, "badnets": {"poison_rate": 0.2}},
+    plugin_params={"ta": {"lambda": 0.5}, "ties": {"lambda": 1.3}, "badnets": {"poison_rate": 0.2},
+                   "dam": {"steps": 300}},
 )
 
 SMOKE = Preset(
@@ -153,6 +154,8 @@ SMOKE = Preset(
     adversary_task="digits",
     target_class=0,
     eval_batch_size=512,
+    # seconds, not fidelity: the smoke preset exercises every plugin's code path
+    plugin_params={"dam": {"steps": 5}, "adamerging": {"steps": 20}},
 )
 
 
