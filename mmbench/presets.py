@@ -163,7 +163,11 @@ SMOKE = Preset(
     target_class=0,
     eval_batch_size=512,
     # seconds, not fidelity: the smoke preset exercises every plugin's code path
-    plugin_params={"dam": {"steps": 5}, "adamerging": {"steps": 20}},
+    plugin_params={"dam": {"steps": 5}, "adamerging": {"steps": 20},
+                   "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
+                   "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
+                                      "trigger_max_iterations": 5},
+                   "sbv": {"n": 2}, "sbv_sc": {"n": 2}},
 )
 
 
