@@ -312,6 +312,8 @@ class RunContext:
         return logits(features, self.head(task))
 
     def forward(self, weights: StateDict, images: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        # .to() is a no-op for tensors already there and keeps autograd for differentiable weights
+        weights = {k: v.to(self.device) for k, v in weights.items()}
         features = functional_call(self.shared.encoder_module(), weights, (images.to(self.device),))
         return features if task is None else self.logits(features, task)
 

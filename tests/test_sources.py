@@ -296,7 +296,7 @@ def test_restricted_unpickler_loads_arrays(tmp_path):
 
 def test_animal_missing(monkeypatch):
     monkeypatch.setattr(S.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(SourceError, match="pip install animal-mnist"):
+    with pytest.raises(SourceError, match="pip install --no-deps animal-mnist"):
         S.animal_mnist()
 
 
