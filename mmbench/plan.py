@@ -91,6 +91,7 @@ class Runner:
         self.shared = SharedStages(self.preset, self.store, self.device, quiet=self.quiet, echo=self.echo)
         self._attacks: dict[tuple[str, int], tuple[str, AttackResult | Exception]] = {}
         self._finetuned_acc: dict[int, dict[str, float]] = {}
+        self._cell_keys: dict[Cell, str] = {}
 
     # the cross product -----------------------------------------------------------
     def cells(self, attacks: list[str] | None = None, mergers: list[str] | None = None,
@@ -131,6 +132,11 @@ class Runner:
                          [self.shared.preset_hash, self.shared.base_key()], plugin=(reg.distribution, reg.version))
 
     def cell_key(self, cell: Cell) -> str:
+        if cell not in self._cell_keys:  # asked twice per cell by run(); parameters are fixed per run
+            self._cell_keys[cell] = self._compute_cell_key(cell)
+        return self._cell_keys[cell]
+
+    def _compute_cell_key(self, cell: Cell) -> str:
         inputs = [self.shared.finetune_key(t, cell.seed) for t in self.preset.task_names]
         if cell.attack != NO_ATTACK:
             inputs.append(self.attack_key(cell.attack, cell.seed))

@@ -26,3 +26,22 @@ def store_copy(smoke_store, tmp_path):
     dest = tmp_path / "store"
     shutil.copytree(smoke_store, dest)
     return dest
+
+
+@pytest.fixture
+def registrations():
+    """``registrations(module, hook)``: what a plugin module registers through ``hook``,
+    with the module checked against the hookspecs (``check_pending``) first."""
+    import pluggy
+
+    from mmbench import hookspecs
+
+    def call(module, hook: str) -> list:
+        pm = pluggy.PluginManager("mmbench")
+        pm.add_hookspecs(hookspecs)
+        pm.register(module)
+        pm.check_pending()
+        registered: list = []
+        getattr(pm.hook, hook)(register=registered.append)
+        return registered
+    return call

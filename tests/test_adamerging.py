@@ -278,15 +278,6 @@ def test_bad_parameters_are_plugin_errors(params):
         run({"steps": 1, **params})
 
 
-def test_hook_matches_the_hookspec():
-    import pluggy
-
-    from mmbench import hookspecs
-
-    pm = pluggy.PluginManager("mmbench")
-    pm.add_hookspecs(hookspecs)
-    pm.register(adamerging)
-    pm.check_pending()
-    registered = []
-    pm.hook.mmbench_register_mergers(register=registered.append)
+def test_hook_matches_the_hookspec(registrations):
+    registered = registrations(adamerging, "mmbench_register_mergers")
     assert [type(p) for p in registered] == [adamerging.AdaMerging]

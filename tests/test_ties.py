@@ -207,15 +207,6 @@ def test_plugin_rejects_bad_parameters(params):
         ties.Ties().merge(pretrained, task_vectors, None, params)
 
 
-def test_hook_matches_the_hookspec():
-    import pluggy
-
-    from mmbench import hookspecs
-
-    pm = pluggy.PluginManager("mmbench")
-    pm.add_hookspecs(hookspecs)
-    pm.register(ties)
-    pm.check_pending()
-    registered = []
-    pm.hook.mmbench_register_mergers(register=registered.append)
+def test_hook_matches_the_hookspec(registrations):
+    registered = registrations(ties, "mmbench_register_mergers")
     assert [type(p) for p in registered] == [ties.Ties]
