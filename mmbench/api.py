@@ -155,6 +155,10 @@ class BoundMerger:
     plugin: Merger
     params: dict[str, Any]
     ctx: "Context"
+    # Set by the harness: runs a merge as a cached stage when its inputs are the cell's
+    # own (θ_pre and task vectors, the very objects the defense received), so cells that
+    # differ only in a defense that post-processes the merge (none, ibvs) share one merge.
+    stage: Callable[[StateDict, dict[str, StateDict], dict[str, Any], Callable[[], Merged]], Merged] | None = None
 
     @property
     def name(self) -> str:
@@ -162,7 +166,13 @@ class BoundMerger:
 
     def __call__(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
                  **overrides: Any) -> Merged:
-        return self.plugin.merge(pretrained, task_vectors, self.ctx, {**self.params, **overrides})
+        params = {**self.params, **overrides}
+
+        def compute() -> Merged:
+            return self.plugin.merge(pretrained, task_vectors, self.ctx, params)
+        if self.stage is None:
+            return compute()
+        return self.stage(pretrained, task_vectors, params, compute)
 
 
 class TaskData(Protocol):

@@ -82,15 +82,18 @@ def cmd_run(args) -> int:
         print(f"mmbench: warning: plugin {name!r} failed to load and is skipped: {why}", file=sys.stderr)
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     device = _device(args.device)
+    if args.threads < 0 or args.jobs < 0:
+        raise UsageError("--threads and --jobs must be ≥ 0 (0: automatic)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    jobs = args.jobs or (1 if device.type == "cuda" else torch.get_num_threads())
     overrides = parse_overrides(args.set or [], registry)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     runner = Runner(registry, preset, Store(args.store), device, rerun=args.rerun, overrides=overrides,
                     quiet=args.quiet, echo=echo)
     cells = runner.cells(args.attack, args.merger, args.defense, args.seed)
     echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells on {device}, "
-         f"store {args.store}, rerun {args.rerun}")
+         f"store {args.store}, rerun {args.rerun}, up to {jobs} worker{'s' * (jobs > 1)}")
     start = time.perf_counter()
     counts: dict[str, int] = {}
 
@@ -104,7 +107,7 @@ def cmd_run(args) -> int:
         print(line, flush=True)
 
     try:
-        runner.run(cells, on_result)
+        runner.run(cells, on_result, jobs=jobs)
     except DataError as exc:
         raise UsageError(str(exc)) from None
     log = runner.shared.log
@@ -187,7 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
     run.add_argument("--store", default=DEFAULT_STORE)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads in all (default: torch's choice, the usable cores); "
+                          "parallel workers share them")
+    run.add_argument("--jobs", type=int, default=0,
+                     help="worker processes for the cells, one attack's cells per worker (default: "
+                          "1 on a GPU; on a CPU as many as --threads, each with one thread)")
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
     run.add_argument("--batch-size", type=int, default=None,

@@ -69,27 +69,39 @@ class SharedStages:
 
     # stage plumbing -----------------------------------------------------------
     def stage(self, label: str, key: str, kind: str, compute: Callable[[], tuple[StateDict, dict]],
-              *, force: bool = False) -> tuple[StateDict, dict]:
-        """Load ``key`` from memory or the store, else compute, save and return it."""
+              *, force: bool = False, memo: bool = True) -> tuple[StateDict, dict]:
+        """Load ``key`` from memory or the store, else compute, save and return it.
+
+        ``memo=False`` keeps the artifact out of this run's memory (merges: each serves
+        a few cells, and at paper scale they are as large as a model)."""
         if not force and key in self._memo:
             return self._memo[key]
         loaded = None if force else self.store.load(key)
-        if loaded is not None:
-            self.log.add(label, None)
+        if loaded is None:
+            with self.store.lock(key):  # parallel workers: one computes, the others wait and load
+                if not force:
+                    loaded = self.store.load(key)
+                if loaded is None:
+                    if not self.quiet:
+                        self.echo(f"  computing {label} ...")
+                    start = time.perf_counter()
+                    tensors, info = compute()
+                    seconds = time.perf_counter() - start
+                    self.store.save(key, kind, tensors, info, seconds=seconds)
+                    self.log.add(label, seconds)
+                    loaded = (tensors, info)
+                else:
+                    self.log.add(label, None)
         else:
-            if not self.quiet:
-                self.echo(f"  computing {label} ...")
-            start = time.perf_counter()
-            tensors, info = compute()
-            seconds = time.perf_counter() - start
-            self.store.save(key, kind, tensors, info, seconds=seconds)
-            self.log.add(label, seconds)
-            loaded = (tensors, info)
-        self._memo[key] = loaded
+            self.log.add(label, None)
+        if memo:
+            self._memo[key] = loaded
         return loaded
 
+    bars = True  # progress bars (on a TTY); parallel workers turn them off
+
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
-        return _progress(iterable, total=total, desc=desc, quiet=self.quiet)
+        return _progress(iterable, total=total, desc=desc, quiet=self.quiet or not self.bars)
 
     # data ---------------------------------------------------------------------
     def data_key(self, task: str) -> str:
@@ -148,7 +160,7 @@ class SharedStages:
                 gen = torch.Generator().manual_seed(0)
                 info = models.contrastive_pretrain(model, spec, torch.cat(images), captions, gen,
                                                    progress=lambda it: self.progress(it, desc="pretrain base"))
-            info["logit_scale"] = float(model.logit_scale.exp())
+            info["logit_scale"] = float(model.logit_scale.detach().exp())
             return dict(model.state_dict()), info
         return self.stage("base", self.base_key(), "base", compute)
 

@@ -38,5 +38,6 @@ def mmbench_register_presets(register):
 
 @hookspec
 def mmbench_register_executors(register):
-    """Register executors: ``register(name, factory)``; ``factory(**options)`` returns an
-    object with ``run(stages)`` (see ``mmbench.executors``)."""
+    """Reserved for scale-out executors (e.g. Ray): ``register(name, factory)``. Nothing
+    calls it yet; ``mmbench run --jobs N`` runs cell groups in local worker processes
+    (``mmbench.plan.Runner.run``)."""

@@ -92,6 +92,7 @@ class Runner:
         self._attacks: dict[tuple[str, int], tuple[str, AttackResult | Exception]] = {}
         self._finetuned_acc: dict[int, dict[str, float]] = {}
         self._cell_keys: dict[Cell, str] = {}
+        self._fresh_merges: set[str] = set()  # merge stages computed by this run
 
     # the cross product -----------------------------------------------------------
     def cells(self, attacks: list[str] | None = None, mergers: list[str] | None = None,
@@ -254,7 +255,8 @@ class Runner:
             merger_reg = self.registry.get("merger", cell.merger)
             defense_reg = self.registry.get("defense", cell.defense)
             merger = BoundMerger(merger_reg.obj, result["params"]["merger"],
-                                 base.bind((merger_reg.name, merger_reg.distribution, merger_reg.version)))
+                                 base.bind((merger_reg.name, merger_reg.distribution, merger_reg.version)),
+                                 stage=self.merge_stage(cell, pre, task_vectors))
             dctx = base.bind((defense_reg.name, defense_reg.distribution, defense_reg.version))
             t0 = time.perf_counter()
             merged = defense_reg.obj.defend(pre, task_vectors, merger, dctx, result["params"]["defense"])
@@ -276,6 +278,37 @@ class Runner:
         self.shared.log.add(f"cell {cell.label}", result["durations"]["total"])
         self.store.save_result(self.preset.name, cell.id, result)
         return result
+
+    def merge_stage(self, cell: Cell, pre: StateDict, task_vectors: dict[str, StateDict]) -> Callable:
+        """The cell's merge as a cached stage, shared by every cell with the same attack,
+        merger and seed whose defense hands the merger the cell's own inputs unchanged
+        (``none``, ``ibvs``). A defense that passes other vectors (``dam``'s masked ones)
+        or other weights gets a plain, uncached merge."""
+        reg = self.registry.get("merger", cell.merger)
+        inputs = [self.shared.finetune_key(t, cell.seed) for t in self.preset.task_names]
+        if cell.attack != NO_ATTACK:
+            inputs.append(self.attack_key(cell.attack, cell.seed))
+
+        def stage(pretrained: StateDict, vectors: dict[str, StateDict], params: dict[str, Any],
+                  compute: Callable[[], Merged]) -> Merged:
+            own = pretrained is pre and vectors.keys() == task_vectors.keys() and all(
+                vectors[t] is task_vectors[t] for t in task_vectors)
+            if not own:
+                return compute()
+
+            def run() -> tuple[StateDict, dict[str, Any]]:
+                merged = compute()
+                if not isinstance(merged, Merged):
+                    raise PluginError(f"merger {cell.merger!r} returned {type(merged).__name__}, not Merged")
+                return merged.weights, merged.info
+            key = stage_key("merge", {"merger": cell.merger, "params": params, "seed": cell.seed}, inputs,
+                            plugin=(reg.distribution, reg.version))
+            force = self.rerun == "always" and key not in self._fresh_merges  # once per run
+            weights, info = self.shared.stage(f"merge {cell.attack}/{cell.merger} (seed {cell.seed})", key,
+                                              "merge", run, force=force, memo=False)
+            self._fresh_merges.add(key)
+            return Merged(weights, info)
+        return stage
 
     def metrics(self, ctx: RunContext, weights: StateDict, attack: AttackResult | None, seed: int) -> dict[str, Any]:
         missing = [k for k in ctx.pretrained() if k not in weights]
@@ -299,24 +332,81 @@ class Runner:
             out["standalone_clean_acc"] = standalone.get("clean_acc")
         return out
 
-    def run(self, cells: list[Cell], on_result: Callable[[dict[str, Any]], None] = lambda r: None
-            ) -> list[dict[str, Any]]:
-        # warm the shared stages in a readable order before the cells
+    def run(self, cells: list[Cell], on_result: Callable[[dict[str, Any]], None] = lambda r: None,
+            jobs: int = 1) -> list[dict[str, Any]]:
+        """Run ``cells`` (results in the order they finish when ``jobs`` > 1).
+
+        The shared stages (base, clean fine-tunes, their evaluation) are computed here
+        first. With ``jobs`` > 1 the cells still to compute are then grouped by
+        (attack, seed) and the groups run in ``jobs`` worker processes: a group's
+        cells share its attack, its DAM mask and its merges, so grouping keeps
+        shared work in one process, and the store's per-stage lock makes a stage
+        that several groups need (IBVS's injection vector, SBV's backdoor vectors)
+        computed once while the others wait for it.
+        """
         results = []
-        needs_compute = self.rerun == "always" or any(
-            not self._cached_ok(c) for c in cells)
-        if needs_compute and self.rerun != "never":
-            for seed in sorted({c.seed for c in cells}):
+        pending = [c for c in cells if self.rerun == "always" or not self._cached_ok(c)]
+        if pending and self.rerun != "never":  # warm the shared stages in a readable order
+            for seed in sorted({c.seed for c in pending}):
                 ctx = RunContext(self.shared, seed)
                 for task in self.preset.task_names:
                     ctx.clean_finetune(task)
                 self.finetuned_accuracy(seed)
+        groups: dict[tuple[str, int], list[Cell]] = {}
+        for cell in pending:
+            groups.setdefault((cell.attack, cell.seed), []).append(cell)
+        parallel = jobs > 1 and len(groups) > 1 and self.rerun != "never"
         for cell in cells:
+            if parallel and cell in pending:
+                continue
             result = self.run_cell(cell)
             on_result(result)
             results.append(result)
+        if parallel:
+            results += self._run_parallel(list(groups.values()), on_result, jobs)
+        return results
+
+    def _run_parallel(self, groups: list[list[Cell]], on_result: Callable[[dict[str, Any]], None],
+                      jobs: int) -> list[dict[str, Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        workers = min(jobs, len(groups))
+        spec = {"preset": self.preset, "store": str(self.store.root), "device": str(self.device),
+                "rerun": self.rerun, "overrides": self.overrides, "quiet": self.quiet,
+                "threads": max(1, torch.get_num_threads() // workers)}
+        results = []
+        # spawn, not fork: forking a process whose OpenMP pool has run can hang the child
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_run_group, spec, group) for group in groups]
+            for future in as_completed(futures):
+                group_results, reused, computed, corrupt = future.result()
+                for label in reused:
+                    self.shared.log.add(label, None)
+                for label, seconds in computed:
+                    self.shared.log.add(label, seconds)
+                self.store.corrupt.extend(corrupt)
+                for result in group_results:
+                    on_result(result)
+                    results.append(result)
         return results
 
     def _cached_ok(self, cell: Cell) -> bool:
         existing = self.store.load_result(self.preset.name, cell.id)
         return bool(existing and existing.get("status") == "ok" and existing.get("key") == self.cell_key(cell))
+
+
+def _run_group(spec: dict[str, Any], cells: list[Cell]) -> tuple[list[dict], list[str], list, list[str]]:
+    """A worker process of :meth:`Runner.run`: run one group of cells against the shared store."""
+    import sys
+
+    from .plugins import load
+
+    torch.set_num_threads(spec["threads"])
+    tag = f"[{cells[0].attack}]"
+    runner = Runner(load(), spec["preset"], Store(spec["store"]), torch.device(spec["device"]),
+                    rerun=spec["rerun"], overrides=spec["overrides"], quiet=spec["quiet"],
+                    echo=lambda m: print(f"{tag} {m.strip()}", file=sys.stderr, flush=True))
+    runner.shared.bars = False  # several processes share one terminal
+    results = [runner.run_cell(cell) for cell in cells]
+    return results, runner.shared.log.reused, runner.shared.log.computed, runner.store.corrupt

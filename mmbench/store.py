@@ -4,6 +4,7 @@ Layout under the store root (``--store``, ``$MMBENCH_STORE``, default ``.mmbench
 
     artifacts/<key[:2]>/<key>.safetensors   tensors (safetensors only, never pickle)
     artifacts/<key[:2]>/<key>.json          {"kind", "sha256", "info", "created", ...}
+    artifacts/<key[:2]>/<key>.lock          held while a worker computes the stage
     results/<preset>/<cell id>.json         one per cell, status ok | failed
 
 Every write goes to a temporary file in the same folder, is fsynced and then
@@ -13,13 +14,19 @@ mismatch (or an unreadable file) as missing, so the stage is recomputed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -94,7 +101,14 @@ class Store:
         fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, prefix=f".{key}.", suffix=".tmp")
         os.close(fd)
         try:
-            plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            plain, storages = {}, set()
+            for k, v in tensors.items():  # safetensors refuses tensors that share memory: copy those
+                v = v.detach().cpu().contiguous()
+                ptr = v.untyped_storage().data_ptr()
+                if ptr in storages or v.untyped_storage().nbytes() != v.numel() * v.element_size():
+                    v = v.clone()
+                storages.add(v.untyped_storage().data_ptr())
+                plain[k] = v
             save_file(plain, tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
@@ -107,6 +121,27 @@ class Store:
         meta = {"key": key, "kind": kind, "sha256": digest, "info": info,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds}
         atomic_write_bytes(meta_path, json.dumps(meta, indent=1, default=_json_default).encode())
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold an exclusive lock on ``key`` while computing it, so that parallel workers
+        (``mmbench run --jobs``) compute a shared stage once and the others wait, then load it.
+
+        An advisory ``flock`` on ``artifacts/<key[:2]>/<key>.lock``: released by the
+        kernel if the holder dies, so a crash never leaves a stage locked. Where
+        ``fcntl`` does not exist (Windows) this is a no-op: stages may be computed
+        twice, which costs time but no correctness (writes are atomic)."""
+        if fcntl is None:
+            yield
+            return
+        path = self._paths(key)[0].with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
     def load(self, key: str) -> tuple[StateDict, dict[str, Any]] | None:
         """The artifact's tensors and info, or None when missing or failing verification."""

@@ -1,5 +1,6 @@
 """The smoke preset end to end through the CLI."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,46 @@ def test_console_script_entry(tmp_path):
     proc = subprocess.run([str(exe), "run", "--preset", "nope", "--store", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr
+
+
+def test_merge_is_shared_by_defenses_that_post_process_it(store_copy, capsys):
+    # none and ibvs hand the merger the cell's own task vectors: one AdaMerging run serves both;
+    # dam hands it masked vectors: its merge is its own and is not stored as a merge stage
+    args = ["run", "--preset", "smoke", "--attack", "none", "--merger", "adamerging", "--defense", "none",
+            "--defense", "ibvs", "--defense", "dam", "--store", str(store_copy), "--threads", "1"]
+    def merges() -> int:
+        return [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")].count("merge")
+    before = merges()  # the fixture's TA merge
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("computing merge none/adamerging") == 1
+    reused = next(line for line in err.splitlines() if line.startswith("reused"))
+    assert "merge none/adamerging (seed 0)" in reused
+    assert merges() == before + 1
+    r = results(store_copy)
+    plain, ibvs = r["none__adamerging__none__seed0"], r["none__adamerging__ibvs__seed0"]
+    assert ibvs["info"]["merge"]["merger"]["lambdas"] == plain["info"]["merge"]["lambdas"]
+    assert r["none__adamerging__dam__seed0"]["status"] == "ok"
+
+    # --rerun always recomputes the shared merge once, not once per cell
+    assert main(args[:-6] + ["--store", str(store_copy), "--threads", "1", "--rerun", "always"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("computing merge none/adamerging") == 1
+
+
+def test_parallel_workers_match_a_serial_run(store_copy, tmp_path, capsys):
+    # two attack groups in two worker processes; both need IBVS's injection vector: the store's
+    # per-stage lock lets one compute it while the other waits and loads it
+    serial = tmp_path / "serial"
+    shutil.copytree(store_copy, serial)
+    cells = ["run", "--preset", "smoke", "--attack", "none", "--attack", "badnets", "--merger", "ta",
+             "--defense", "none", "--defense", "ibvs", "--quiet"]
+    assert main(cells + ["--store", str(store_copy), "--jobs", "2", "--threads", "2"]) == 0
+    assert main(cells + ["--store", str(serial), "--jobs", "1", "--threads", "1"]) == 0
+    parallel_results, serial_results = results(store_copy), results(serial)
+    for cell in (f"{a}__ta__{d}__seed0" for a in ("none", "badnets") for d in ("none", "ibvs")):
+        assert parallel_results[cell]["status"] == "ok"
+        assert parallel_results[cell]["key"] == serial_results[cell]["key"]
+        assert parallel_results[cell]["metrics"] == serial_results[cell]["metrics"]
+    kinds = [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")]
+    assert kinds.count("plugin:ibvs.injection_vector") == 1

@@ -48,3 +48,43 @@ def test_failed_write_leaves_nothing(tmp_path):
         store.save("ef" * 32, "test", {"w": "not a tensor"}, {})
     folder = tmp_path / "artifacts" / "ef"
     assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_a_stage_two_workers_need_is_computed_once(tmp_path):
+    # two runners (own memory, one store) ask for the same stage at once: the store's lock
+    # makes the second wait for the first and load its artifact instead of recomputing it
+    import threading
+    import time
+
+    from mmbench.context import SharedStages
+    from mmbench.presets import SMOKE
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        time.sleep(0.5)
+        return {"w": torch.tensor([3.0, 4.0])}, {"n": len(calls)}
+
+    got = []
+
+    def worker():
+        shared = SharedStages(SMOKE, Store(tmp_path), torch.device("cpu"), quiet=True)
+        got.append(shared.stage("shared thing", "cd" * 32, "test", compute))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert [g[0]["w"].tolist() for g in got] == [[3.0, 4.0]] * 2 and [g[1] for g in got] == [{"n": 1}] * 2
+
+
+def test_tensors_sharing_memory_are_stored_apart(tmp_path):
+    # a merger may return views of one buffer; safetensors refuses shared memory, the store copies
+    flat = torch.arange(6.0)
+    store = Store(tmp_path)
+    store.save("ef" * 32, "merge", {"a": flat[:3], "b": flat[3:], "c": flat}, {})
+    tensors, _ = store.load("ef" * 32)
+    assert tensors["a"].tolist() == [0, 1, 2] and tensors["b"].tolist() == [3, 4, 5] and len(tensors["c"]) == 6
