@@ -1,6 +1,9 @@
 """Stored cell results → a table (pandas), ``leaderboard/README.md`` (tabulate) and
 ``leaderboard/results.csv``. Every cell of the installed cross product appears:
-status ok / failed from its result, ``not run`` where no result is stored."""
+status ok / failed from its result, ``not run`` where no result is stored, ``stale``
+where the stored result's key is not the cell's current key (it was made with other
+parameters, plugin versions or preset content; its figures are shown, but no Δ is
+taken against it)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,6 +87,10 @@ def markdown(df: pd.DataFrame, title: str = "mmbench leaderboard", notes: str = 
             "s": part.seconds.map(lambda s: "" if pd.isna(s) else f"{s:.1f}"),
         })
         lines += [tabulate(show, headers="keys", tablefmt="github", showindex=False), ""]
+        stale = part[part.status == "stale"]
+        if len(stale):
+            lines += [f"{len(stale)} stale cell(s): stored with other parameters, plugin versions or preset "
+                      "content than the current ones; `mmbench run` recomputes them.", ""]
         failed = part[part.status == "failed"]
         for _, r in failed.iterrows():
             lines.append(f"- failed {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.error}")

@@ -21,6 +21,10 @@ from .presets import Preset
 from .store import Store, canonical_json, stage_key
 
 NO_ATTACK = "none"
+
+
+class WorkerDied(RuntimeError):
+    """A worker process of a parallel run ended without reporting (killed, out of memory)."""
 RERUN = ("missing", "always", "never")
 
 
@@ -370,6 +374,7 @@ class Runner:
                       jobs: int) -> list[dict[str, Any]]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
         workers = min(jobs, len(groups))
         spec = {"preset": self.preset, "store": str(self.store.root), "device": str(self.device),
@@ -380,7 +385,16 @@ class Runner:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_run_group, spec, group) for group in groups]
             for future in as_completed(futures):
-                group_results, reused, computed, corrupt = future.result()
+                try:
+                    group_results, reused, computed, corrupt = future.result()
+                except BaseException as exc:
+                    # no new groups start; running ones finish their cell group (every store write
+                    # is atomic, so what they leave is complete) and a rerun picks up the rest
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    if isinstance(exc, BrokenProcessPool):
+                        raise WorkerDied("a worker process died (out of memory?); the cells it "
+                                           "finished are stored: rerun, perhaps with --jobs 1") from None
+                    raise
                 for label in reused:
                     self.shared.log.add(label, None)
                 for label, seconds in computed:

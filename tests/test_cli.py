@@ -65,6 +65,17 @@ def test_parameter_override_changes_the_key(store_copy):
     base_acc = after["metrics"]["base_acc_per_task"]
     assert after["metrics"]["acc_per_task"] == pytest.approx(base_acc)
 
+    # the leaderboard shows the preset's benchmark: a result made with other parameters is stale
+    board = store_copy / "board"
+    assert main(["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board)]) == 0
+    rows = [line.split(",") for line in (board / "results.csv").read_text().splitlines()[1:]]
+    assert [r[5] for r in rows if r[1:4] == ["none", "ta", "none"]] == ["stale"]
+    assert "1 stale cell(s)" in (board / "README.md").read_text()
+    assert main(base) == 0  # rerun with the preset's parameters: current again
+    assert main(["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board)]) == 0
+    rows = [line.split(",") for line in (board / "results.csv").read_text().splitlines()[1:]]
+    assert [r[5] for r in rows if r[1:4] == ["none", "ta", "none"]] == ["ok"]
+
 
 @pytest.mark.parametrize("argv, needle", [
     (["run", "--preset", "smoke", "--attack", "badnet"], "did you mean 'badnets'"),
