@@ -258,8 +258,10 @@ class Context(Protocol):
 
     # plumbing -------------------------------------------------------------
     def cached(self, kind: str, params: dict[str, Any],
-               compute: Callable[[], tuple[StateDict, dict[str, Any]]]) -> tuple[StateDict, dict[str, Any]]:
-        """Run ``compute`` once per (kind, params, preset, seed, plugin version); keep its tensors and info."""
+               compute: Callable[[], tuple[StateDict, dict[str, Any]]],
+               label: str | None = None) -> tuple[StateDict, dict[str, Any]]:
+        """Run ``compute`` once per (kind, params, preset, seed, plugin version); keep its tensors and info.
+        ``label`` names the stage in the run's log (default: ``kind`` and the start of ``params``)."""
 
     def generator(self, *salt: Any) -> torch.Generator:
         """A CPU generator seeded from the cell's seed and ``salt`` (reproducible, independent streams)."""

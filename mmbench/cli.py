@@ -53,9 +53,9 @@ def cmd_plugins(args) -> int:
     registry = load()
     from tabulate import tabulate
 
-    rows = [(r.kind, r.name, r.distribution, r.version, r.description) for r in registry.all()
-            if r.kind in ("attack", "merger", "defense", "preset")]
-    print(tabulate(rows, headers=["kind", "name", "distribution", "version", "description"]))
+    rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description)
+            for r in registry.all() if r.kind in ("attack", "merger", "defense", "preset")]
+    print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
     for name, why in sorted(registry.broken.items()):
         print(f"broken entry point {name!r}: {why}")
     return 0

@@ -356,11 +356,12 @@ class RunContext:
 
     # plumbing
     def cached(self, kind: str, params: dict[str, Any],
-               compute: Callable[[], tuple[StateDict, dict[str, Any]]]) -> tuple[StateDict, dict[str, Any]]:
+               compute: Callable[[], tuple[StateDict, dict[str, Any]]],
+               label: str | None = None) -> tuple[StateDict, dict[str, Any]]:
         plugin = (self._plugin[1], self._plugin[2]) if self._plugin else CORE
         key = stage_key(f"plugin:{kind}", {"params": params, "seed": self.seed},
                         [self.shared.preset_hash, self.shared.base_key()], plugin=plugin)
-        label = f"{kind}[{canonical_json(params)[:60]}, seed {self.seed}]"
+        label = f"{kind}[{label or canonical_json(params)[:60]}, seed {self.seed}]"
         return self.shared.stage(label, key, f"plugin:{kind}", compute)
 
     def generator(self, *salt: Any) -> torch.Generator:

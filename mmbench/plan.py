@@ -128,13 +128,13 @@ class Runner:
         if kind == "attack" and name == NO_ATTACK:
             return {"name": NO_ATTACK, "distribution": CORE[0], "version": CORE[1]}
         reg = self.registry.get(kind, name)
-        return {"name": reg.name, "distribution": reg.distribution, "version": reg.version}
+        return {"name": reg.name, "distribution": reg.distribution, "version": reg.version, "code": reg.code}
 
     # keys ------------------------------------------------------------------------
     def attack_key(self, name: str, seed: int) -> str:
         reg = self.registry.get("attack", name)
         return stage_key("attack", {"name": name, "params": self.params("attack", name), "seed": seed},
-                         [self.shared.preset_hash, self.shared.base_key()], plugin=(reg.distribution, reg.version))
+                         [self.shared.preset_hash, self.shared.base_key()], plugin=(reg.distribution, reg.key_version))
 
     def cell_key(self, cell: Cell) -> str:
         if cell not in self._cell_keys:  # asked twice per cell by run(); parameters are fixed per run
@@ -147,7 +147,7 @@ class Runner:
             inputs.append(self.attack_key(cell.attack, cell.seed))
         params = {"merger": [cell.merger, self.params("merger", cell.merger)],
                   "defense": [cell.defense, self.params("defense", cell.defense)], "seed": cell.seed}
-        versions = [self.plugin_version(k, n)["version"] for k, n in
+        versions = [self.registry.get(k, n).key_version for k, n in
                     (("merger", cell.merger), ("defense", cell.defense))]
         return stage_key("cell", params, inputs, plugin=(CORE[1], *versions))
 
@@ -162,7 +162,7 @@ class Runner:
         reg = self.registry.get("attack", name)
         key = self.attack_key(name, seed)
         params = self.params("attack", name)
-        ctx = RunContext(self.shared, seed).bind((reg.name, reg.distribution, reg.version))
+        ctx = RunContext(self.shared, seed).bind((reg.name, reg.distribution, reg.key_version))
 
         def compute():
             result = reg.obj.run(ctx, params)
@@ -259,9 +259,9 @@ class Runner:
             merger_reg = self.registry.get("merger", cell.merger)
             defense_reg = self.registry.get("defense", cell.defense)
             merger = BoundMerger(merger_reg.obj, result["params"]["merger"],
-                                 base.bind((merger_reg.name, merger_reg.distribution, merger_reg.version)),
+                                 base.bind((merger_reg.name, merger_reg.distribution, merger_reg.key_version)),
                                  stage=self.merge_stage(cell, pre, task_vectors))
-            dctx = base.bind((defense_reg.name, defense_reg.distribution, defense_reg.version))
+            dctx = base.bind((defense_reg.name, defense_reg.distribution, defense_reg.key_version))
             t0 = time.perf_counter()
             merged = defense_reg.obj.defend(pre, task_vectors, merger, dctx, result["params"]["defense"])
             if not isinstance(merged, Merged):
@@ -306,7 +306,7 @@ class Runner:
                     raise PluginError(f"merger {cell.merger!r} returned {type(merged).__name__}, not Merged")
                 return merged.weights, merged.info
             key = stage_key("merge", {"merger": cell.merger, "params": params, "seed": cell.seed}, inputs,
-                            plugin=(reg.distribution, reg.version))
+                            plugin=(reg.distribution, reg.key_version))
             force = self.rerun == "always" and key not in self._fresh_merges  # once per run
             weights, info = self.shared.stage(f"merge {cell.attack}/{cell.merger} (seed {cell.seed})", key,
                                               "merge", run, force=force, memo=False)

@@ -6,10 +6,15 @@ points of the ``mmbench`` distribution like any third-party plugin.
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import hashlib
+import inspect
 import os
+import sys
 from dataclasses import dataclass
 from importlib import metadata
+from types import ModuleType
 from typing import Any
 
 import pluggy
@@ -43,6 +48,62 @@ class Registered:
     @property
     def description(self) -> str:
         return getattr(self.obj, "description", "") or ""
+
+    @property
+    def code(self) -> str:
+        """12 hex digits of :func:`source_fingerprint` of the plugin object."""
+        return source_fingerprint(self.obj)[:12]
+
+    @property
+    def key_version(self) -> str:
+        """What stage keys record of the plugin: its distribution's version and its code,
+        so that editing a plugin recomputes its stages without a version bump."""
+        return f"{self.version}+{self.code}"
+
+
+_fingerprints: dict[str, str] = {}
+
+
+def _normalised_source(module: ModuleType) -> str:
+    """The module's AST without docstrings: comments, formatting and docs do not count."""
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):  # no source (compiled, frozen): the name must do
+        return ""
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def source_fingerprint(obj: Any) -> str:
+    """sha256 of the code behind a plugin object: the module defining its class and every
+    module of the same top-level package that module uses, transitively (a helper module
+    shared by several plugins counts for each of them). Code outside that package (mmbench
+    itself, torch) is covered by versions, not by this hash."""
+    root = type(obj).__module__
+    if root in _fingerprints:
+        return _fingerprints[root]
+    top = root.split(".")[0]
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        name = stack.pop()
+        module = sys.modules.get(name)
+        if name in seen or module is None:
+            continue
+        seen.add(name)
+        for value in vars(module).values():
+            dep = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+            if isinstance(dep, str) and (dep == top or dep.startswith(top + ".")) and dep not in seen:
+                stack.append(dep)
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(f"{name}\n{_normalised_source(sys.modules[name])}\n".encode())
+    _fingerprints[root] = h.hexdigest()
+    return _fingerprints[root]
 
 
 def unknown_name(kind: str, name: str, known: list[str]) -> UsageError:

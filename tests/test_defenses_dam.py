@@ -102,7 +102,7 @@ class FakeContext:
     def progress(self, iterable, total=None, desc=""):
         return iterable
 
-    def cached(self, kind, params, compute):
+    def cached(self, kind, params, compute, label=None):
         return compute()
 
 

@@ -55,7 +55,7 @@ class FakeContext:
     def attack_success_rate(self, weights, task, trigger, target_class, split="test"):
         return 0.9 if (trigger.top, trigger.left) == (0, 0) else 0.8
 
-    def cached(self, kind, params, compute):
+    def cached(self, kind, params, compute, label=None):
         key = (kind, json.dumps(params, sort_keys=True))
         if key not in self._cache:
             self.computed += 1

@@ -26,7 +26,9 @@ def test_example_plugin_installs_lists_and_runs(tmp_path, smoke_store):
                    env=env, check=True)
     r = json.loads((store / "results" / "smoke" / "none__average__none__seed0.json").read_text())
     assert r["status"] == "ok"
-    assert r["plugins"]["merger"] == {"name": "average", "distribution": "mmbench-average", "version": "0.1.0"}
+    merger = r["plugins"]["merger"]
+    assert merger == {"name": "average", "distribution": "mmbench-average", "version": "0.1.0",
+                      "code": merger["code"]} and len(merger["code"]) == 12
     ta = json.loads((store / "results" / "smoke" / "none__ta__none__seed0.json").read_text())
     # averaging two task vectors is task arithmetic with λ = 1/2; the smoke baseline used the preset's λ
     assert r["info"]["merge"] == {"coefficient": 0.5}

@@ -41,3 +41,36 @@ def test_misspelled_hook_fails_loudly():
     pm.register(Bad())
     with pytest.raises(pluggy.PluginValidationError):
         pm.check_pending()
+
+
+def test_fingerprint_sees_helper_edits_and_ignores_docs(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from mmbench import plugins
+
+    def fingerprint(plugin_src: str, helper_src: str) -> str:
+        # one package name for every variant, freshly imported, so only the code differs
+        for name in [m for m in sys.modules if m == "fp_pkg" or m.startswith("fp_pkg.")]:
+            del sys.modules[name]
+        monkeypatch.setattr(plugins, "_fingerprints", {})
+        root = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        (root / "fp_pkg").mkdir(parents=True)
+        (root / "fp_pkg" / "__init__.py").write_text("")
+        (root / "fp_pkg" / "helper.py").write_text(helper_src)
+        (root / "fp_pkg" / "plugin.py").write_text(plugin_src)
+        monkeypatch.syspath_prepend(str(root))
+        importlib.invalidate_caches()
+        try:
+            return plugins.source_fingerprint(importlib.import_module("fp_pkg.plugin").Plugin())
+        finally:
+            sys.path.remove(str(root))
+
+    plugin = ('from .helper import scale\n\nclass Plugin:\n    """Doc."""\n\n'
+              '    def run(self):\n        return scale(2)\n')
+    helper = "def scale(x):\n    return 3 * x\n"
+    base = fingerprint(plugin, helper)
+    restyled = plugin.replace('"""Doc."""', '"""Other words."""  # a comment').replace("scale(2)", "scale( 2 )")
+    assert fingerprint(restyled, helper) == base            # docs, comments, spacing: same code
+    assert fingerprint(plugin, helper.replace("3 *", "4 *")) != base   # a helper it imports changed
+    assert fingerprint(plugin.replace("scale(2)", "scale(5)"), helper) != base

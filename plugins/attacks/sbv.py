@@ -123,7 +123,8 @@ class _SparseBackdoorVector(Attack):
                 {"revision": REVISION, "base_attack": "badnets", "task": task, "target_class": target,
                  "position": corner, "seed": seed, "poison_rate": params["poison_rate"],
                  "patch_area": params["patch_area"]},
-                lambda: self.backdoor_vector(ctx, task, target, trigger, params["poison_rate"], seed))
+                lambda: self.backdoor_vector(ctx, task, target, trigger, params["poison_rate"], seed),
+                label=f"{task}, {corner}, fine-tune seed {seed}")
             triggers.append(trigger)
             vectors.append(tensors)
             singles.append({"position": corner, "seed": seed, **info})

@@ -300,8 +300,10 @@ class DefenseAwareMerging(Defense):
             raise PluginError(f"dam: eval_mask must be one of {', '.join(EVAL_MASKS)}, "
                               f"not {params['eval_mask']!r}")
         learning = {k: v for k, v in params.items() if k != "eval_mask"}
-        logits, info = ctx.cached("dam.mask", {**learning, "task_vectors": fingerprint(task_vectors)},
-                                  lambda: learn_mask(ctx, pretrained, task_vectors, params))
+        vectors_id = fingerprint(task_vectors)
+        logits, info = ctx.cached("dam.mask", {**learning, "task_vectors": vectors_id},
+                                  lambda: learn_mask(ctx, pretrained, task_vectors, params),
+                                  label=f"{params['masks']}, {params['steps']} steps, vectors {vectors_id[:8]}")
         mask, mask_info = final_mask(logits, params, ctx.generator("dam", "final mask"))
         merged = merger(pretrained, mask_task_vectors(task_vectors, mask))
         return Merged(merged.weights, {"merger": merged.info, **mask_info, **info})

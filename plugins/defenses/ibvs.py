@@ -79,7 +79,8 @@ def injection_vector(ctx: Context, params: dict[str, Any]) -> tuple[StateDict, d
                               "clean_acc": ctx.accuracy(clean, task),
                               "clean_asr": ctx.attack_success_rate(clean, task, trigger, target)}}
         return vector, info
-    return ctx.cached("ibvs.injection_vector", stage, compute)
+    return ctx.cached("ibvs.injection_vector", stage, compute,
+                      label=f"{task}, {stage['position']}, target {target}")
 
 
 class InjectionBackdoorVectorSubtraction(Defense):
