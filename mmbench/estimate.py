@@ -48,6 +48,8 @@ MERGER_IMAGES = {"adamerging": 1.0}
 # defense: (fine-tunes of the defender's task, once per seed: IBVS caches its injected model;
 #           training-image passes per (step × batch × task): DAM's mask, λ and δ updates + final merge)
 DEFENSE_COST = {"none": (0.0, 0.0), "ibvs": (1.0, 0.0), "dam": (0.0, 5.0)}
+# defenses that hand the merger the cell's own inputs (their cells share one merge stage)
+POST_PROCESSING = {"none", "ibvs"}
 
 
 def arch_throughput(model_name: str) -> tuple[float, float] | None:
@@ -145,7 +147,7 @@ def plan_rows(runner, cells) -> list[Row]:
             rows.append(Row("attack", f"attack {name} (seed {seed})", key, store.has(key), seconds,
                             f"base, heads, finetune[{adversary}, seed {seed}]",
                             note="" if name in ATTACK_COST else "unknown attack: assumed one fine-tune"))
-    charged: set[tuple[str, int]] = set()
+    charged: set[tuple] = set()
     for cell in cells:
         key = runner.cell_key(cell)
         existing = store.load_result(preset.name, cell.id)
@@ -154,14 +156,22 @@ def plan_rows(runner, cells) -> list[Row]:
         train_images = 0.0
         merger = runner.params("merger", cell.merger)
         steps_images = merger.get("steps", 0) * merger.get("batch_size", 0) * len(preset.task_names)
-        train_images += MERGER_IMAGES.get(cell.merger, 0.0) * steps_images
-        fixed = MERGE_SECONDS.get(cell.merger, 0.0)
+        # the merge of the cell's own vectors is a stage shared by the defenses that
+        # post-process it; a defense that changes the vectors (DAM) merges on its own
+        merge_id = ("merge", cell.attack, cell.merger, cell.seed)
+        fixed = 0.0
+        if cell.defense not in POST_PROCESSING or merge_id not in charged:
+            if cell.defense in POST_PROCESSING:
+                charged.add(merge_id)
+            train_images += MERGER_IMAGES.get(cell.merger, 0.0) * steps_images
+            fixed = MERGE_SECONDS.get(cell.merger, 0.0)
         finetunes, passes = DEFENSE_COST.get(cell.defense, (0.0, 0.0))
         if finetunes and (cell.defense, cell.seed) not in charged:
             charged.add((cell.defense, cell.seed))
             defender = preset.task_names[-1]
             train_images += finetunes * (ft_images[defender] or 0)
-        if passes:
+        if passes and (cell.defense, cell.attack, cell.seed) not in charged:  # DAM's mask: once per attack
+            charged.add((cell.defense, cell.attack, cell.seed))
             d = runner.params("defense", cell.defense)
             train_images += passes * d.get("steps", 0) * d.get("batch_size", 0) * len(preset.task_names)
         seconds = gpu(train_images, eval_images)

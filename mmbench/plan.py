@@ -21,11 +21,11 @@ from .presets import Preset
 from .store import Store, canonical_json, stage_key
 
 NO_ATTACK = "none"
+RERUN = ("missing", "always", "never")
 
 
 class WorkerDied(RuntimeError):
     """A worker process of a parallel run ended without reporting (killed, out of memory)."""
-RERUN = ("missing", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -393,7 +393,7 @@ class Runner:
                     pool.shutdown(wait=False, cancel_futures=True)
                     if isinstance(exc, BrokenProcessPool):
                         raise WorkerDied("a worker process died (out of memory?); the cells it "
-                                           "finished are stored: rerun, perhaps with --jobs 1") from None
+                                         "finished are stored: rerun, perhaps with --jobs 1") from None
                     raise
                 for label in reused:
                     self.shared.log.add(label, None)
