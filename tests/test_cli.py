@@ -84,6 +84,7 @@ def test_parameter_override_changes_the_key(store_copy):
     (["run", "--preset", "smok"], "did you mean 'smoke'"),
     (["run", "--preset", "smoke", "--set", "ta.lamda=1"], "did you mean 'lambda'"),
     (["run", "--preset", "smoke", "--set", "nonsense"], "PLUGIN.PARAM=VALUE"),
+    (["run", "--preset", "smoke", "--jobs", "-1"], "--jobs must be ≥ 0"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, needle, tmp_path, capsys):
     assert main(argv + ["--store", str(tmp_path)]) == 2
