@@ -97,6 +97,7 @@ class Store:
              seconds: float | None = None) -> None:
         """Write tensors then the sidecar (which makes the artifact visible), both atomically."""
         tensor_path, meta_path = self._paths(key)
+        json.dumps(info, default=_json_default)  # an info that cannot be stored fails before any write
         tensor_path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, prefix=f".{key}.", suffix=".tmp")
         os.close(fd)

@@ -88,3 +88,10 @@ def test_tensors_sharing_memory_are_stored_apart(tmp_path):
     store.save("ef" * 32, "merge", {"a": flat[:3], "b": flat[3:], "c": flat}, {})
     tensors, _ = store.load("ef" * 32)
     assert tensors["a"].tolist() == [0, 1, 2] and tensors["b"].tolist() == [3, 4, 5] and len(tensors["c"]) == 6
+
+
+def test_info_that_is_not_json_fails_before_any_write(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(TypeError, match="not JSON-able"):
+        store.save("aa" * 32, "merge", {"w": torch.zeros(2)}, {"bad": object()})
+    assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp"))
