@@ -232,7 +232,7 @@ class Runner:
             "plugins": {k: self.plugin_version(k, n) for k, n in
                         (("attack", cell.attack), ("merger", cell.merger), ("defense", cell.defense))},
             "params": {}, "durations": {}, "metrics": {}, "info": {},
-            "mmbench": CORE[1], "device": str(self.device),
+            "mmbench": CORE[1], "device": str(self.device), "environment": environment(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         start = time.perf_counter()
@@ -408,6 +408,15 @@ class Runner:
     def _cached_ok(self, cell: Cell) -> bool:
         existing = self.store.load_result(self.preset.name, cell.id)
         return bool(existing and existing.get("status") == "ok" and existing.get("key") == self.cell_key(cell))
+
+
+def environment() -> dict[str, Any]:
+    """What a cell ran on, beyond mmbench's and the plugins' versions: figures can move
+    with the torch build and the number of CPU threads (float reduction order)."""
+    import platform
+
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(terse=True)}
 
 
 def _run_group(spec: dict[str, Any], cells: list[Cell]) -> tuple[list[dict], list[str], list, list[str]]:

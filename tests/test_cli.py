@@ -28,6 +28,7 @@ def test_baseline_cell_has_real_numbers(smoke_store):
     assert {k: merger[k] for k in ("name", "distribution", "version")} == {"name": "ta", "distribution": "mmbench", "version": "0.1.0"}
     assert len(merger["code"]) == 12  # the code fingerprint, part of the keys
     assert r["key"] and r["seed"] == 0 and "total" in r["durations"]
+    assert r["environment"]["torch"] and r["environment"]["threads"] >= 1
 
 
 def test_attack_cell_rerun_and_reuse(store_copy, capsys):
