@@ -3,7 +3,7 @@
 Layout under the store root (``--store``, ``$MMBENCH_STORE``, default ``.mmbench``)::
 
     artifacts/<key[:2]>/<key>.safetensors   tensors (safetensors only, never pickle)
-    artifacts/<key[:2]>/<key>.json          {"kind", "sha256", "info", "created", ...}
+    artifacts/<key[:2]>/<key>.json          {"kind", "sha256", "info", "created", "seconds", "threads", ...}
     artifacts/<key[:2]>/<key>.lock          held while a worker computes the stage
     results/<preset>/<cell id>.json         one per cell, status ok | failed
 
@@ -120,7 +120,8 @@ class Store:
                 os.unlink(tmp)
             raise
         meta = {"key": key, "kind": kind, "sha256": digest, "info": info,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": seconds,
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
         atomic_write_bytes(meta_path, json.dumps(meta, indent=1, default=_json_default).encode())
 
     @contextlib.contextmanager
