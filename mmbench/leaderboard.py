@@ -66,6 +66,28 @@ def _signed(value: Any) -> str:
     return f"{100 * float(value):+.1f}"
 
 
+def over_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation over seeds of each (preset, attack, merger,
+    defense), from its ``ok`` cells only; ``seeds`` counts them (std is NaN for one seed)."""
+    ok = df[df.status == "ok"]
+    keys = ["preset", "attack", "merger", "defense"]
+    if ok.empty:
+        return pd.DataFrame(columns=keys + ["seeds"])
+    grouped = ok.groupby(keys, sort=False)
+    out = grouped.size().rename("seeds").to_frame()
+    for column in ("acc", "normalized_acc", "asr"):
+        values = grouped[column]
+        out[f"{column}_mean"] = values.mean()
+        out[f"{column}_std"] = values.std(ddof=1)
+    return out.reset_index()
+
+
+def _mean_std(mean: Any, std: Any) -> str:
+    if mean is None or pd.isna(mean):
+        return ""
+    return _pct(mean) + ("" if std is None or pd.isna(std) else f" ± {100 * float(std):.1f}")
+
+
 def markdown(df: pd.DataFrame, title: str = "mmbench leaderboard", notes: str = "") -> str:
     from tabulate import tabulate
 
@@ -87,6 +109,17 @@ def markdown(df: pd.DataFrame, title: str = "mmbench leaderboard", notes: str = 
             "s": part.seconds.map(lambda s: "" if pd.isna(s) else f"{s:.1f}"),
         })
         lines += [tabulate(show, headers="keys", tablefmt="github", showindex=False), ""]
+        if part[part.status == "ok"].seed.nunique() > 1:
+            agg = over_seeds(part)
+            lines += [f"### Preset `{preset}` over seeds (mean ± sample std of the ok cells)", "",
+                      tabulate(pd.DataFrame({
+                          "attack": agg.attack, "merger": agg.merger, "defense": agg.defense,
+                          "seeds": agg.seeds,
+                          "ACC": [_mean_std(m, s) for m, s in zip(agg.acc_mean, agg.acc_std)],
+                          "Norm ACC": [_mean_std(m, s) for m, s in zip(agg.normalized_acc_mean,
+                                                                       agg.normalized_acc_std)],
+                          "ASR": [_mean_std(m, s) for m, s in zip(agg.asr_mean, agg.asr_std)],
+                      }), headers="keys", tablefmt="github", showindex=False), ""]
         stale = part[part.status == "stale"]
         if len(stale):
             lines += [f"{len(stale)} stale cell(s): stored with other parameters, plugin versions or preset "
