@@ -118,7 +118,9 @@ def cmd_run(args) -> int:
     if log.reused:
         shown = [s for s in log.reused if not s.startswith("cell ")]
         cells_reused = len(log.reused) - len(shown)
-        echo(f"reused {len(shown)} stages: {', '.join(shown)}" + (f"; {cells_reused} cell results" if cells_reused else ""))
+        parts = ([f"{len(shown)} stages: {', '.join(shown)}"] if shown else []) + (
+            [f"{cells_reused} cell results"] if cells_reused else [])
+        echo("reused " + "; ".join(parts))
     computed = [f"{label} ({sec:.1f} s)" for label, sec in log.computed]
     if computed:
         echo(f"computed {len(computed)}: {', '.join(computed)}")
