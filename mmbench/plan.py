@@ -373,36 +373,52 @@ class Runner:
     def _run_parallel(self, groups: list[list[Cell]], on_result: Callable[[dict[str, Any]], None],
                       jobs: int) -> list[dict[str, Any]]:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import queue as queue_mod
+        from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
         workers = min(jobs, len(groups))
         spec = {"preset": self.preset, "store": str(self.store.root), "device": str(self.device),
                 "rerun": self.rerun, "overrides": self.overrides, "quiet": self.quiet,
                 "threads": max(1, torch.get_num_threads() // workers)}
-        results = []
         # spawn, not fork: forking a process whose OpenMP pool has run can hang the child
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        finished = context.Queue()  # each cell's result as soon as a worker has it
+        results: list[dict[str, Any]] = []
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(finished,)) as pool:
             futures = [pool.submit(_run_group, spec, group) for group in groups]
-            for future in as_completed(futures):
-                try:
-                    group_results, reused, computed, corrupt = future.result()
-                except BaseException as exc:
-                    # no new groups start; running ones finish their cell group (every store write
-                    # is atomic, so what they leave is complete) and a rerun picks up the rest
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    if isinstance(exc, BrokenProcessPool):
-                        raise WorkerDied("a worker process died (out of memory?); the cells it "
-                                         "finished are stored: rerun, perhaps with --jobs 1") from None
-                    raise
-                for label in reused:
-                    self.shared.log.add(label, None)
-                for label, seconds in computed:
-                    self.shared.log.add(label, seconds)
-                self.store.corrupt.extend(corrupt)
-                for result in group_results:
-                    on_result(result)
-                    results.append(result)
+
+            def take(result: dict[str, Any]) -> None:
+                on_result(result)
+                results.append(result)
+            try:
+                while not all(f.done() for f in futures):
+                    try:
+                        take(finished.get(timeout=0.5))
+                    except queue_mod.Empty:
+                        pass
+                    for future in futures:
+                        if future.done() and future.exception() is not None:
+                            raise future.exception()
+                for future in futures:
+                    reused, computed, corrupt = future.result()
+                    for label in reused:
+                        self.shared.log.add(label, None)
+                    for label, seconds in computed:
+                        self.shared.log.add(label, seconds)
+                    self.store.corrupt.extend(corrupt)
+                expected = sum(len(g) for g in groups)
+                while len(results) < expected:  # results still in the queue's pipe
+                    take(finished.get(timeout=30))
+            except BaseException as exc:
+                # no new groups start; running ones finish their cell group (every store write
+                # is atomic, so what they leave is complete) and a rerun picks up the rest
+                pool.shutdown(wait=False, cancel_futures=True)
+                if isinstance(exc, BrokenProcessPool):
+                    raise WorkerDied("a worker process died (out of memory?); the cells it "
+                                     "finished are stored: rerun, perhaps with --jobs 1") from None
+                raise
         return results
 
     def _cached_ok(self, cell: Cell) -> bool:
@@ -419,8 +435,17 @@ def environment() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "platform": platform.platform(terse=True)}
 
 
-def _run_group(spec: dict[str, Any], cells: list[Cell]) -> tuple[list[dict], list[str], list, list[str]]:
-    """A worker process of :meth:`Runner.run`: run one group of cells against the shared store."""
+_finished = None  # a worker's queue for finished cell results (set by _init_worker)
+
+
+def _init_worker(finished) -> None:
+    global _finished
+    _finished = finished
+
+
+def _run_group(spec: dict[str, Any], cells: list[Cell]) -> tuple[list[str], list, list[str]]:
+    """A worker process of :meth:`Runner.run`: run one group of cells against the shared
+    store, sending each result to the parent as soon as it is stored."""
     import sys
 
     from .plugins import load
@@ -431,5 +456,6 @@ def _run_group(spec: dict[str, Any], cells: list[Cell]) -> tuple[list[dict], lis
                     rerun=spec["rerun"], overrides=spec["overrides"], quiet=spec["quiet"],
                     echo=lambda m: print(f"{tag} {m.strip()}", file=sys.stderr, flush=True))
     runner.shared.bars = False  # several processes share one terminal
-    results = [runner.run_cell(cell) for cell in cells]
-    return results, runner.shared.log.reused, runner.shared.log.computed, runner.store.corrupt
+    for cell in cells:
+        _finished.put(runner.run_cell(cell))
+    return runner.shared.log.reused, runner.shared.log.computed, runner.store.corrupt
