@@ -163,8 +163,9 @@ def cmd_leaderboard(args) -> int:
         # the key each cell would have now: a stored result with another key was made with
         # other parameters, plugin versions or preset content, and is shown as "stale"
         runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", quiet=True, echo=lambda m: None)
-        current = {c.id: runner.cell_key(c) for c in runner.cells()}
-        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in runner.cells()]
+        cells = runner.cells()
+        current = {c.id: runner.cell_key(c) for c in cells}
+        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in cells]
         for r in store.results(name):
             if r.get("cell") in current and r.get("key") != current[r["cell"]]:
                 r = {**r, "status": "stale"}

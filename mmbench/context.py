@@ -63,6 +63,7 @@ class SharedStages:
         self.quiet = quiet
         self.echo = echo
         self.log = StageLog()
+        self.bars = True  # progress bars (on a TTY); parallel workers turn them off
         self.preset_hash = hashlib.sha256(canonical_json(preset.key()).encode()).hexdigest()
         self._memo: dict[str, Any] = {}
         self._encoder_module: torch.nn.Module | None = None
@@ -77,28 +78,22 @@ class SharedStages:
         if not force and key in self._memo:
             return self._memo[key]
         loaded = None if force else self.store.load(key)
+        seconds = None
         if loaded is None:
             with self.store.lock(key):  # parallel workers: one computes, the others wait and load
-                if not force:
+                if not force:  # another worker may have made it while this one waited
                     loaded = self.store.load(key)
                 if loaded is None:
                     if not self.quiet:
                         self.echo(f"  computing {label} ...")
                     start = time.perf_counter()
-                    tensors, info = compute()
+                    loaded = compute()
                     seconds = time.perf_counter() - start
-                    self.store.save(key, kind, tensors, info, seconds=seconds)
-                    self.log.add(label, seconds)
-                    loaded = (tensors, info)
-                else:
-                    self.log.add(label, None)
-        else:
-            self.log.add(label, None)
+                    self.store.save(key, kind, *loaded, seconds=seconds)
+        self.log.add(label, seconds)
         if memo:
             self._memo[key] = loaded
         return loaded
-
-    bars = True  # progress bars (on a TTY); parallel workers turn them off
 
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         return _progress(iterable, total=total, desc=desc, quiet=self.quiet or not self.bars)

@@ -141,10 +141,15 @@ class Runner:
             self._cell_keys[cell] = self._compute_cell_key(cell)
         return self._cell_keys[cell]
 
-    def _compute_cell_key(self, cell: Cell) -> str:
+    def vector_keys(self, cell: Cell) -> list[str]:
+        """The keys of what a cell merges: every clean fine-tune, and the attack artifact."""
         inputs = [self.shared.finetune_key(t, cell.seed) for t in self.preset.task_names]
         if cell.attack != NO_ATTACK:
             inputs.append(self.attack_key(cell.attack, cell.seed))
+        return inputs
+
+    def _compute_cell_key(self, cell: Cell) -> str:
+        inputs = self.vector_keys(cell)
         params = {"merger": [cell.merger, self.params("merger", cell.merger)],
                   "defense": [cell.defense, self.params("defense", cell.defense)], "seed": cell.seed}
         versions = [self.registry.get(k, n).key_version for k, n in
@@ -289,9 +294,7 @@ class Runner:
         (``none``, ``ibvs``). A defense that passes other vectors (``dam``'s masked ones)
         or other weights gets a plain, uncached merge."""
         reg = self.registry.get("merger", cell.merger)
-        inputs = [self.shared.finetune_key(t, cell.seed) for t in self.preset.task_names]
-        if cell.attack != NO_ATTACK:
-            inputs.append(self.attack_key(cell.attack, cell.seed))
+        inputs = self.vector_keys(cell)
 
         def stage(pretrained: StateDict, vectors: dict[str, StateDict], params: dict[str, Any],
                   compute: Callable[[], Merged]) -> Merged:

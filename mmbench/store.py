@@ -156,7 +156,8 @@ class Store:
                 raise ValueError("sha256 mismatch")
             tensors = load_file(str(tensor_path))
         except Exception as exc:  # a bad artifact is recomputed, never used
-            self.corrupt.append(f"{key[:12]} ({exc})")
+            if f"{key[:12]} ({exc})" not in self.corrupt:  # read again under the stage lock
+                self.corrupt.append(f"{key[:12]} ({exc})")
             return None
         return tensors, meta.get("info", {})
 
