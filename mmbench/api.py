@@ -1,8 +1,10 @@
 """The types a plugin author imports.
 
 A plugin is an object with a ``name``, a one-line ``description``, a dict of
-``defaults`` (its hyperparameters, each overridable from a preset or the
-command line) and one method:
+``params`` (its hyperparameters, each a :class:`Param` declaring type, range,
+default and meaning; each overridable from a preset or the command line and
+checked against the declaration before anything runs; ``defaults``, the plain
+name → default dict, is derived from it) and one method:
 
 * :class:`Attack` ``.run(ctx, params) -> AttackResult``: turn the adversary's
   task into a backdoored task vector, plus the trigger and target its ASR needs.
@@ -20,7 +22,7 @@ dicts to JSON, so keep them JSON-able.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
@@ -29,7 +31,7 @@ StateDict = dict[str, torch.Tensor]
 
 __all__ = [
     "StateDict", "Trigger", "AttackResult", "Merged", "Attack", "Merger", "Defense",
-    "BoundMerger", "Context", "TaskData", "PluginError",
+    "BoundMerger", "Context", "TaskData", "PluginError", "Param", "PARAM_TYPES",
 ]
 
 
@@ -119,10 +121,64 @@ class Merged:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+# The types a parameter can declare. "any" (no check) is what a ``defaults`` entry of None
+# infers to; declare a real type instead.
+PARAM_TYPES = ("float", "int", "bool", "str", "list[float]", "list[str]", "any")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared plugin parameter: what ``--set plugin.name=value`` and a preset's
+    ``plugin_params`` may give it (checked by ``mmbench.params.check`` before anything runs).
+
+    * ``default``: the value when nobody sets it (checked against the declaration itself).
+    * ``type``: one of :data:`PARAM_TYPES`; omitted, it is inferred from ``default``.
+      Integers are accepted for ``float`` (and become floats), ``int`` takes integers only,
+      ``bool`` only true/false, ``list[float]`` a list of numbers.
+    * ``min`` / ``max``: inclusive bounds of a number (of each element of a list);
+      ``min_exclusive=True`` makes the lower bound strict (``> min``).
+    * ``choices``: the only values allowed (e.g. ``("sum", "mean", "max")``).
+    * ``nullable``: None (JSON null) is allowed too, e.g. "null → the preset's task";
+      implied by a None default.
+    * ``special``: extra strings allowed whatever the type, e.g. ``("auto",)``.
+    * ``length``: the exact length of a list (2 for a [low, high] pair).
+    * ``help``: one line: what the parameter means.
+    """
+
+    default: Any
+    type: str = ""
+    _: KW_ONLY
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    special: tuple[str, ...] = ()
+    length: int | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        from .params import validate_declaration  # the checks live with the other value checks
+
+        validate_declaration(self)
+
+
 class _Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # the declaration: name -> Param (see Param); preferred over ``defaults``
+    params: ClassVar[dict[str, Param]] = {}
+    # name -> default value: derived from ``params`` by the class; a plugin that sets only
+    # ``defaults`` (the older contract) gets declarations inferred from the defaults' types
     defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "params" not in cls.__dict__ and "defaults" not in cls.__dict__:
+            return  # both inherited as they are
+        from .params import derive_class_params
+
+        cls.params, cls.defaults = derive_class_params(cls)
 
 
 class Attack(_Plugin):
@@ -237,7 +293,10 @@ class Context(Protocol):
                  desc: str = "", **recipe: Any) -> StateDict:
         """The one fine-tuning loop (preset recipe; ``recipe`` overrides lr, epochs, ...).
 
-        ``poison(images, labels, generator)`` may rewrite each batch;
+        ``poison(images, labels, generator)`` may rewrite each batch; ``generator``
+        is the poisoning's own stream (seeded from task and seed), not the data
+        order's, so a poisoned fine-tune sees the same batches as the clean
+        fine-tune of the same task and seed, whatever ``poison`` draws;
         ``loss(module, images, labels, step)`` replaces cross-entropy.
         Returns fine-tuned weights (not a task vector). Not cached: wrap in
         ``ctx.cached`` when the result is worth keeping.

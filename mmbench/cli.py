@@ -6,6 +6,7 @@ data) prints one line and exits with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -53,11 +54,44 @@ def cmd_plugins(args) -> int:
     registry = load()
     from tabulate import tabulate
 
+    if args.params:
+        return _plugin_params(registry, args.params, args.preset)
+    if args.preset:
+        raise UsageError("plugins --preset goes with --params NAME")
     rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description)
             for r in registry.all() if r.kind in ("attack", "merger", "defense", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
     for name, why in sorted(registry.broken.items()):
         print(f"broken entry point {name!r}: {why}")
+    return 0
+
+
+def _plugin_params(registry, name: str, preset_name: str | None) -> int:
+    """``mmbench plugins --params NAME``: the plugin's declared parameters, and what the preset sets."""
+    from tabulate import tabulate
+
+    from .params import allowed, declared, show
+
+    kinds = ("attack", "merger", "defense")
+    found = [registry.get(k, name) for k in kinds if name in registry.names(k)]
+    if not found:
+        from .plugins import unknown_name
+        raise unknown_name("plugin", name, sorted({n for k in kinds for n in registry.names(k)}))
+    if preset_name is None:  # the default preset, when it is installed
+        preset_name = "tiny" if "tiny" in registry.names("preset") else None
+    preset = _preset(registry, preset_name) if preset_name else None
+    for i, reg in enumerate(found):
+        params = declared(reg.obj)
+        overrides = preset.plugin_params.get(reg.name, {}) if preset else {}
+        print(("\n" if i else "") + f"{reg.kind} {reg.name} ({reg.distribution} {reg.version}): {reg.description}")
+        if not params:
+            print("no parameters")
+            continue
+        headers = ["parameter", "type", "default", "allowed"] + ([f"preset {preset.name}"] if overrides else [])
+        rows = [[key, p.type, show(p.default), allowed(p)]
+                + ([show(overrides[key]) if key in overrides else ""] if overrides else []) + [p.help]
+                for key, p in params.items()]
+        print(tabulate(rows, headers=headers + ["meaning"], disable_numparse=True))
     return 0
 
 
@@ -147,39 +181,130 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def cmd_leaderboard(args) -> int:
+def cmd_tune(args) -> int:
     import torch
 
-    from . import leaderboard
+    from .plan import parse_overrides
+    from .store import Store
+    from .tune import Tuner, choose_attack, choose_merger, grid_points, parse_grid, render
+
+    registry = load()
+    preset = _preset(registry, args.preset)
+    if bool(args.merger) == bool(args.attack):
+        raise UsageError("tune wants exactly one of --merger NAME or --attack NAME")
+    kind, name = ("merger", args.merger) if args.merger else ("attack", args.attack)
+    registry.get(kind, name)
+    if not args.grid:
+        raise UsageError("tune wants at least one --grid PARAM=V1,V2,...")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = args.seed or list(preset.seeds)
+    echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    tuner = Tuner(registry, preset, Store(args.store), _device(args.device), seeds,
+                  parse_overrides(args.set or [], registry), echo=echo)
+    points = grid_points(parse_grid(args.grid))
+    if kind == "merger":
+        rows = tuner.merger(name, points)
+        chosen = choose_merger(rows)
+    else:
+        rows = tuner.attack(name, points)
+        chosen = choose_attack(rows, args.asr_target, args.acc_tolerance)
+    print(render(kind, name, rows, chosen, seeds))
+    if args.json:
+        from .store import atomic_write_bytes
+
+        rule = ({"rule": "max mean normalised dev ACC of the clean merge"} if kind == "merger" else
+                {"rule": "first grid point with dev ASR >= asr_target and dev ACC within acc_tolerance "
+                         "of the clean twin's", "asr_target": args.asr_target, "acc_tolerance": args.acc_tolerance})
+        atomic_write_bytes(Path(args.json), json.dumps(
+            {"preset": preset.name, "kind": kind, "name": name, "seeds": seeds, **rule,
+             "chosen": chosen["point"], "rows": rows, "mmbench": __version__}, indent=1).encode())
+    return 0
+
+
+def _stored_results(registry, store, presets: list[str]) -> tuple[list[tuple], list[dict]]:
+    """(expected cells, stored results) of ``presets``, reading the store only. Expected: the
+    installed cross product over each preset's declared seeds, as (preset, attack, merger,
+    defense, seed). A stored result whose key is not the key its cell would have now (made
+    with other parameters, plugin versions or preset content) comes back with status "stale";
+    the current keys are computed for the declared seeds and every seed the store holds."""
+    import torch
+
     from .plan import Runner
+
+    expected, results = [], []
+    for name in presets:
+        p = _preset(registry, name)
+        stored = store.results(name)
+        runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", quiet=True, echo=lambda m: None)
+        seeds = sorted(set(p.seeds) | {r["seed"] for r in stored if isinstance(r.get("seed"), int)})
+        current = {c.id: runner.cell_key(c) for c in runner.cells(seeds=seeds)}
+        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in runner.cells()]
+        for r in stored:
+            if r.get("cell") in current and r.get("key") != current[r["cell"]]:
+                r = {**r, "status": "stale"}
+            results.append(r)
+    return expected, results
+
+
+def _presets_to_show(args, store) -> list[str]:
+    return [args.preset] if args.preset else sorted({r.get("preset") for r in store.results()} or {"tiny"})
+
+
+def cmd_leaderboard(args) -> int:
+    from . import findings, leaderboard
     from .store import Store
 
     registry = load()
     store = Store(args.store)
-    presets = [args.preset] if args.preset else sorted({r.get("preset") for r in store.results()} or {"tiny"})
-    expected, results = [], []
-    for name in presets:
-        p = _preset(registry, name)
-        # the key each cell would have now: a stored result with another key was made with
-        # other parameters, plugin versions or preset content, and is shown as "stale"
-        runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", quiet=True, echo=lambda m: None)
-        cells = runner.cells()
-        current = {c.id: runner.cell_key(c) for c in cells}
-        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in cells]
-        for r in store.results(name):
-            if r.get("cell") in current and r.get("key") != current[r["cell"]]:
-                r = {**r, "status": "stale"}
-            results.append(r)
+    presets = _presets_to_show(args, store)
+    expected, results = _stored_results(registry, store, presets)
     df = leaderboard.table(results, expected)
     notes = [f"Generated by `mmbench leaderboard` (mmbench {__version__}) from {len(results)} stored cell "
              f"results; each cell's JSON records its key, plugin versions, parameters and timings."]
     for name in presets:
         p = _preset(registry, name)
         overrides = "; ".join(f"{k}: {v}" for k, v in sorted(p.plugin_params.items())) or "none"
-        notes.append(f"Preset `{name}`: {p.description}. Plugin parameters set by the preset: {overrides}.")
-    md, csv = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes))
-    print(f"wrote {md} and {csv} ({len(df)} cells: " +
+        notes.append(f"Preset `{name}`: {p.description}. Declared seeds: {', '.join(map(str, p.seeds))}. "
+                     f"Plugin parameters set by the preset: {overrides}.")
+    sections = {}
+    for name in presets:
+        cells = findings.frame(r for r in results if r.get("preset") == name)
+        sections[name] = findings.markdown(name, cells, findings.evaluate(cells))
+    files = leaderboard.render(df, notes="\n\n".join(notes), findings=sections)
+    if args.check:
+        declared = set(expected)
+        problems = [f"{r.preset} {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.status}"
+                    for r in df.itertuples() if r.status in ("stale", "failed", "not run")
+                    and (r.preset, r.attack, r.merger, r.defense, r.seed) in declared]
+        problems += leaderboard.differences(files, Path(args.out))
+        for line in problems:
+            print(line)
+        if problems:
+            return 1
+        print("leaderboard up to date")
+        return 0
+    paths = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes), findings=sections)
+    print(f"wrote {', '.join(map(str, paths))} ({len(df)} cells: " +
           ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items()) + ")")
+    return 0
+
+
+def cmd_findings(args) -> int:
+    from . import findings
+    from .store import Store
+
+    registry = load()
+    store = Store(args.store)
+    presets = _presets_to_show(args, store)
+    _, results = _stored_results(registry, store, presets)
+    reports = []
+    for name in presets:
+        mine = [r for r in results if r.get("preset") == name]
+        cells = findings.frame(mine)
+        stale = sum(r.get("status") == "stale" for r in mine)
+        reports.append(findings.text(name, cells, findings.evaluate(cells), stale))
+    print("\n\n".join(reports))
     return 0
 
 
@@ -225,16 +350,48 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--store", default=DEFAULT_STORE)
     plan.set_defaults(func=cmd_plan)
 
+    tune = sub.add_parser("tune", help="choose a merger's or attack's parameters on the dev split "
+                                       "(the rule its user could apply; never a test split)")
+    tune.add_argument("--preset", default="tiny")
+    tune.add_argument("--merger", help="a merger: the clean merge's normalised dev ACC decides")
+    tune.add_argument("--attack", help="an attack: the backdoored model's dev ASR and ACC decide")
+    tune.add_argument("--grid", action="append", metavar="PARAM=V1,V2,...",
+                      help="values to try (repeatable: the cartesian product is tried, in the order given)")
+    tune.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+    tune.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
+    tune.add_argument("--asr-target", type=float, default=0.9, help="attack rule: dev ASR to reach (0.9)")
+    tune.add_argument("--acc-tolerance", type=float, default=0.02,
+                      help="attack rule: dev ACC may fall this far below the clean twin's (0.02)")
+    tune.add_argument("--json", help="also write the sweep and the choice to this file")
+    tune.add_argument("--store", default=DEFAULT_STORE)
+    tune.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    tune.add_argument("--threads", type=int, default=0)
+    tune.add_argument("--quiet", action="store_true")
+    tune.set_defaults(func=cmd_tune)
+
     plugins = sub.add_parser("plugins", help="list installed attacks, mergers, defenses and presets")
+    plugins.add_argument("--params", metavar="NAME",
+                         help="show the parameters a plugin declares: type, default, allowed values, meaning")
+    plugins.add_argument("--preset", default=None,
+                         help="with --params: show what this preset sets (default: tiny, when installed)")
     plugins.set_defaults(func=cmd_plugins)
     presets = sub.add_parser("presets", help="describe the installed presets")
     presets.set_defaults(func=cmd_presets)
 
-    board = sub.add_parser("leaderboard", help="write leaderboard/README.md and results.csv")
+    board = sub.add_parser("leaderboard", help="write leaderboard/README.md, results.csv and summary.csv")
     board.add_argument("--preset", default=None, help="default: every preset with stored results")
     board.add_argument("--store", default=DEFAULT_STORE)
     board.add_argument("--out", default="leaderboard")
+    board.add_argument("--check", action="store_true",
+                       help="write nothing; exit 1 (one line per problem) if a cell of the preset's declared "
+                            "seeds is stale, failed or not run, or if --out differs from the stored results")
     board.set_defaults(func=cmd_leaderboard)
+
+    found = sub.add_parser("findings", help="check the papers' claims against the stored results "
+                                            "(reproduced / not reproduced / inconclusive / not measured)")
+    found.add_argument("--preset", default=None, help="default: every preset with stored results")
+    found.add_argument("--store", default=DEFAULT_STORE)
+    found.set_defaults(func=cmd_findings)
     return parser
 
 

@@ -21,6 +21,7 @@ from torch.func import functional_call
 import mmbench
 
 from . import data as data_mod
+from . import evaluate as evaluate_mod
 from . import models, train
 from .api import StateDict, Trigger
 from .presets import Preset, Recipe
@@ -236,47 +237,79 @@ class SharedStages:
 
     def run_finetune(self, task: str, *, seed: int, init: StateDict | None = None, poison=None, loss=None,
                      desc: str = "", **overrides: Any) -> tuple[StateDict, dict]:
+        """One run of :func:`mmbench.train.finetune` of ``task`` at ``seed``.
+
+        Its random streams depend on (task, seed) only: the data order on
+        ``hash_seed("finetune", task, seed)``, poisoning on ``hash_seed("poison", task,
+        seed)`` (its own generator: the order is the clean fine-tune's however much a
+        ``poison`` draws, so a backdoor vector θ_poisoned − θ_clean at one seed holds no
+        data-order noise), torch's global RNG on ``hash_seed("torch", task, seed)``."""
         recipe = Recipe(**{**asdict(self.recipe(task)), **overrides})
         td = self.task_data(task)
         head = self.heads()[task]
         module = models.build_encoder(self.preset)
-        gen = torch.Generator().manual_seed(hash_seed("finetune", task, seed))
+        order = torch.Generator().manual_seed(hash_seed("finetune", task, seed))
+        poisoning = torch.Generator().manual_seed(hash_seed("poison", task, seed))
         torch.manual_seed(hash_seed("torch", task, seed))
         return train.finetune(module, init if init is not None else self.pretrained(), td,
-                              lambda f: logits(f, head), recipe, gen, poison=poison, loss=loss,
-                              device=self.device,
+                              lambda f: logits(f, head), recipe, order, poison=poison,
+                              poison_generator=poisoning, loss=loss, device=self.device,
                               progress=lambda it: self.progress(it, desc=desc or f"fine-tune {task}"))
 
-    # evaluation -------------------------------------------------------------------
+    # evaluation (the metrics themselves: mmbench.evaluate) -------------------------------
+    def forward_fn(self, weights: StateDict, task: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``images -> logits`` of ``weights`` on the shared encoder with ``task``'s head."""
+        module = self.encoder_module()
+        head = self.heads()[task]
+        weights = {k: v.to(self.device) for k, v in weights.items()}
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with train.autocast(self.device):
+                return logits(functional_call(module, weights, (x.to(self.device),)), head)
+        return forward
+
+    def run_predictions(self, weights: StateDict, task: str, split: str, trigger: Trigger | None = None,
+                        *, clean: bool = True) -> evaluate_mod.Predictions:
+        """One pass over ``split``: clean and/or triggered predictions of the same decoded batches."""
+        return evaluate_mod.predict(self.forward_fn(weights, task),
+                                    self.task_data(task).batches(split, self.preset.eval_batch_size),
+                                    trigger, clean=clean)
+
     @torch.no_grad()
     def predictions(self, weights: StateDict, task: str, split: str, trigger: Trigger | None = None,
                     exclude_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted, true) labels over ``split``, optionally triggered and without one class."""
-        module = self.encoder_module()
-        head = self.heads()[task]
-        weights = {k: v.to(self.device) for k, v in weights.items()}
-        preds, labels = [], []
-        for x, y in self.task_data(task).batches(split, self.preset.eval_batch_size):
-            if exclude_class is not None:
-                x, y = x[y != exclude_class], y[y != exclude_class]
-                if not len(y):
-                    continue
-            if trigger is not None:
-                x = trigger.apply(x)
-            with train.autocast(self.device):
-                preds.append(logits(functional_call(module, weights, (x.to(self.device),)), head).argmax(-1).cpu())
-            labels.append(y)
-        return torch.cat(preds), torch.cat(labels)
+        out = self.run_predictions(weights, task, split, trigger, clean=trigger is None)
+        preds = out.clean if trigger is None else out.triggered
+        if exclude_class is None:
+            return preds, out.labels
+        keep = out.labels != exclude_class
+        return preds[keep], out.labels[keep]
+
+    def evaluate(self, weights: StateDict, task: str, split: str = "test", trigger: Trigger | None = None,
+                 target: int | None = None) -> dict[str, Any]:
+        """Clean ACC and, with ``trigger`` and ``target``, ASR of one pass over ``split``:
+        ``acc``, ``acc_counts`` [k, n], ``acc_ci`` (Wilson 95 %) and ``asr``, ``asr_counts``, ``asr_ci``."""
+        if (trigger is None) != (target is None):
+            raise ValueError("evaluate: give both trigger and target, or neither")
+        return evaluate_mod.summarize(self.run_predictions(weights, task, split, trigger), target)
+
+    def accuracy_counts(self, weights: StateDict, task: str, split: str = "test") -> tuple[int, int]:
+        out = self.run_predictions(weights, task, split)
+        return evaluate_mod.accuracy_counts(out.clean, out.labels)
+
+    def asr_counts(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
+                   split: str = "test") -> tuple[int, int]:
+        # target-class samples leave numerator and denominator (ALGORITHMS.md)
+        out = self.run_predictions(weights, task, split, trigger, clean=False)
+        return evaluate_mod.asr_counts(out.triggered, out.labels, target_class)
 
     def accuracy(self, weights: StateDict, task: str, split: str = "test") -> float:
-        preds, labels = self.predictions(weights, task, split)
-        return float((preds == labels).float().mean())
+        return evaluate_mod.rate(*self.accuracy_counts(weights, task, split))
 
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                             split: str = "test") -> float:
-        # target-class samples leave numerator and denominator (ALGORITHMS.md)
-        preds, _ = self.predictions(weights, task, split, trigger=trigger, exclude_class=target_class)
-        return float((preds == target_class).float().mean())
+        return evaluate_mod.rate(*self.asr_counts(weights, task, trigger, target_class, split))
 
 
 def logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from .api import AttackResult, BoundMerger, Merged, PluginError, StateDict, Trigger
 from .context import CORE, RunContext, SharedStages
+from .evaluate import rate, wilson
 from .plugins import Registered, Registry, UsageError
 from .presets import Preset
 from .store import Store, canonical_json, stage_key
@@ -68,14 +69,17 @@ def parse_overrides(items: list[str], registry: Registry) -> dict[str, dict[str,
 
 
 def resolve_params(reg: Registered, preset: Preset, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    defaults = dict(getattr(reg.obj, "defaults", {}) or {})
-    params = {**defaults, **preset.plugin_params.get(reg.name, {})}
-    for key, value in overrides.get(reg.name, {}).items():
-        if key not in defaults:
-            from .plugins import unknown_name
-            raise unknown_name(f"parameter of {reg.kind} {reg.name!r}", key, sorted(defaults))
-        params[key] = value
-    return params
+    """The plugin's declared defaults, updated by the preset's ``plugin_params`` and then
+    ``--set``; each given value is checked against the plugin's declaration (an unknown key
+    or a bad value is a UsageError). A preset's entries for plugins that are not installed
+    are never looked at: a preset may configure optional plugins."""
+    from .params import check, declared
+
+    params = declared(reg.obj)
+    from_preset = check(reg.kind, reg.name, params, preset.plugin_params.get(reg.name, {}),
+                        f"preset {preset.name}")
+    from_set = check(reg.kind, reg.name, params, overrides.get(reg.name, {}), "--set")
+    return {**{k: p.default for k, p in params.items()}, **from_preset, **from_set}
 
 
 @dataclass
@@ -112,10 +116,9 @@ class Runner:
         m = pick("merger", mergers)
         d = pick("defense", defenses)
         s = seeds or list(self.preset.seeds)
-        for kind, names in (("attack", [x for x in a if x != NO_ATTACK]),
-                            ("merger", m), ("defense", d)):
-            for name in names:
-                self.params(kind, name)  # an unknown --set key is a user error before anything runs
+        for kind in ("attack", "merger", "defense"):  # every installed one, selected or not:
+            for name in self.registry.names(kind):   # a bad --set or preset value is a user
+                self.params(kind, name)              # error before anything runs
         if not m or not d:
             raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
         return [Cell(self.preset.name, *combo) for combo in
@@ -195,27 +198,40 @@ class Runner:
         self._attacks[memo] = (key, result)
         return key, result
 
-    def standalone(self, ctx: RunContext, result: AttackResult) -> dict[str, float]:
-        """The attacked model alone (θ_pre + τ_adv) and its clean twin, before any merge."""
+    def standalone(self, ctx: RunContext, result: AttackResult) -> dict[str, Any]:
+        """The attacked model alone (θ_pre + τ_adv) and its clean twin, before any merge: ACC on
+        the attack's task and ASR on its target task (one shared pass when they are the same task),
+        on the test split, and the backdoored model's dev ACC/ASR (the attacker's own view)."""
         pre = ctx.pretrained()
         backdoored = {k: pre[k] + v for k, v in result.task_vector.items()}
         clean = ctx.clean_finetune(result.task)
+        shared = ctx.shared
+
+        def acc_asr(weights: StateDict, split: str) -> tuple[list[int], list[int]]:
+            if result.target_task == result.task:
+                both = shared.evaluate(weights, result.task, split, result.trigger, result.target_class)
+                return both["acc_counts"], both["asr_counts"]
+            return (list(shared.accuracy_counts(weights, result.task, split)),
+                    list(shared.asr_counts(weights, result.target_task, result.trigger, result.target_class, split)))
+        acc, asr = acc_asr(backdoored, "test")
+        clean_acc, clean_asr = acc_asr(clean, "test")
+        dev_acc, dev_asr = acc_asr(backdoored, "dev")
         return {
-            "acc": ctx.accuracy(backdoored, result.task),
-            "asr": ctx.attack_success_rate(backdoored, result.target_task, result.trigger, result.target_class),
-            "clean_acc": ctx.accuracy(clean, result.task),
-            "clean_asr": ctx.attack_success_rate(clean, result.target_task, result.trigger, result.target_class),
+            "acc": rate(*acc), "asr": rate(*asr), "clean_acc": rate(*clean_acc), "clean_asr": rate(*clean_asr),
+            "acc_counts": acc, "asr_counts": asr, "clean_acc_counts": clean_acc, "clean_asr_counts": clean_asr,
+            "dev_acc": rate(*dev_acc), "dev_asr": rate(*dev_asr),
         }
 
     def finetuned_accuracy(self, seed: int) -> dict[str, float]:
         if seed not in self._finetuned_acc:
             ctx = RunContext(self.shared, seed)
-            key = stage_key("eval-finetuned", {"seed": seed},
+            key = stage_key("eval-finetuned", {"seed": seed, "splits": ["test", "dev"]},
                             [self.shared.finetune_key(t, seed) for t in self.preset.task_names], plugin=CORE)
 
-            def compute():
+            def compute():  # {task: test ACC, "base": {task: test ACC}, "dev": {task: dev ACC}}
                 accs = {t: ctx.accuracy(ctx.clean_finetune(t), t) for t in self.preset.task_names}
                 accs["base"] = {t: ctx.accuracy(ctx.pretrained(), t) for t in self.preset.task_names}
+                accs["dev"] = {t: ctx.accuracy(ctx.clean_finetune(t), t, "dev") for t in self.preset.task_names}
                 return {}, accs
             _, info = self.shared.stage(f"eval fine-tuned (seed {seed})", key, "eval", compute)
             self._finetuned_acc[seed] = info
@@ -322,21 +338,52 @@ class Runner:
         if missing:
             raise PluginError(f"merged weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
         finetuned = self.finetuned_accuracy(seed)
-        acc = {t: ctx.accuracy(weights, t) for t in self.preset.task_names}
+        shared = ctx.shared
+        tasks = self.preset.task_names
+        evals: dict[str, dict[str, Any]] = {}  # test split; the attacked task's ACC and ASR share one pass
+        for t in tasks:
+            if attack is not None and t == attack.target_task:
+                evals[t] = shared.evaluate(weights, t, "test", attack.trigger, attack.target_class)
+            else:
+                evals[t] = shared.evaluate(weights, t, "test")
+        acc = {t: evals[t]["acc"] for t in tasks}
         norm = {t: acc[t] / finetuned[t] if finetuned[t] else 0.0 for t in acc}
+        # clean dev split: what a merger's user may tune hyperparameters on (never test)
+        dev = {t: shared.accuracy(weights, t, "dev") for t in tasks}
+        finetuned_dev = finetuned["dev"]
+        dev_norm = {t: dev[t] / finetuned_dev[t] if finetuned_dev[t] else 0.0 for t in dev}
         out: dict[str, Any] = {
             "acc": sum(acc.values()) / len(acc), "acc_per_task": acc,
             "normalized_acc": sum(norm.values()) / len(norm), "normalized_acc_per_task": norm,
             "finetuned_acc_per_task": {t: finetuned[t] for t in acc},
             "base_acc_per_task": finetuned["base"],
+            "acc_counts_per_task": {t: evals[t]["acc_counts"] for t in tasks},
+            "acc_ci_per_task": {t: evals[t]["acc_ci"] for t in tasks},
+            "dev_acc": sum(dev.values()) / len(dev), "dev_acc_per_task": dev,
+            "dev_normalized_acc": sum(dev_norm.values()) / len(dev_norm), "dev_normalized_acc_per_task": dev_norm,
+            "finetuned_dev_acc_per_task": dict(finetuned_dev),
         }
         if attack is not None:
-            out["asr"] = ctx.attack_success_rate(weights, attack.target_task, attack.trigger, attack.target_class)
+            target = evals.get(attack.target_task)
+            if target is None:  # a target task outside the preset's merged tasks
+                target = shared.evaluate(weights, attack.target_task, "test", attack.trigger, attack.target_class)
+            out["asr"] = target["asr"]
+            out["asr_counts"] = target["asr_counts"]
+            out["asr_ci"] = target["asr_ci"]
             out["attacked_task_acc"] = acc[attack.task]
             standalone = attack.info.get("standalone", {})
+            if "dev_asr" not in standalone:  # an attack artifact stored before these figures existed
+                standalone = {**standalone, **self.standalone(ctx, attack)}
             out["standalone_acc"] = standalone.get("acc")
             out["standalone_asr"] = standalone.get("asr")
             out["standalone_clean_acc"] = standalone.get("clean_acc")
+            out["standalone_clean_asr"] = standalone.get("clean_asr")
+            out["standalone_asr_counts"] = standalone.get("asr_counts")
+            k, n = standalone["asr_counts"]
+            out["standalone_asr_ci"] = list(wilson(k, n)) if n else [None, None]
+            out["standalone_clean_asr_counts"] = standalone.get("clean_asr_counts")
+            out["standalone_dev_acc"] = standalone.get("dev_acc")
+            out["standalone_dev_asr"] = standalone.get("dev_asr")
         return out
 
     def run(self, cells: list[Cell], on_result: Callable[[dict[str, Any]], None] = lambda r: None,

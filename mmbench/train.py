@@ -49,17 +49,30 @@ def is_frozen(name: str, recipe: Recipe) -> bool:
 
 def finetune(module: torch.nn.Module, init: StateDict, data: TaskData,
              classify: Callable[[torch.Tensor], torch.Tensor], recipe: Recipe,
-             generator: torch.Generator, *, poison: PoisonFn | None = None, loss: LossFn | None = None,
+             generator: torch.Generator, *, poison: PoisonFn | None = None,
+             poison_generator: torch.Generator | None = None, loss: LossFn | None = None,
              device: torch.device = torch.device("cpu"), split: str = "train",
              progress: Callable[[Iterable], Iterable] = lambda it: it) -> tuple[StateDict, dict[str, Any]]:
     """Fine-tune ``module`` (the image encoder) from ``init`` on ``data``'s ``split``.
 
     AdamW(lr, weight decay), the recipe's schedule, grad-norm clipping,
     ``recipe.epochs`` passes of shuffled batches; parameters matching
-    ``recipe.frozen`` stay at ``init``. ``poison`` may rewrite a batch;
-    ``loss(module, x, y, step)`` replaces cross-entropy of ``classify(module(x))``.
-    Returns the fine-tuned weights (CPU) and a few training figures.
+    ``recipe.frozen`` stay at ``init``. ``poison(x, y, poison_generator)`` may
+    rewrite a batch; ``loss(module, x, y, step)`` replaces cross-entropy of
+    ``classify(module(x))``. Returns the fine-tuned weights (CPU) and a few
+    training figures.
+
+    Two random streams, never shared: ``generator`` draws the data order (one
+    ``randperm`` per epoch, and nothing else), ``poison_generator`` whatever
+    ``poison`` draws (required with ``poison``). So a poisoned fine-tune sees
+    exactly the batches of its clean twin (same ``generator`` seed) however many
+    numbers its poisoning consumes, and θ_backdoored − θ_clean holds the backdoor,
+    not data-order noise. The loop uses no other randomness (the presets' ViTs have
+    no dropout); a ``loss`` or ``poison`` that draws from torch's global RNG only
+    moves that RNG, which the loop itself never reads.
     """
+    if poison is not None and poison_generator is None:
+        raise ValueError("finetune: poison needs its own poison_generator (not the data-order generator)")
     module.load_state_dict(init, strict=False)
     module.to(device).train()
     trainable = []
@@ -77,7 +90,7 @@ def finetune(module: torch.nn.Module, init: StateDict, data: TaskData,
     for step in progress(range(steps)):
         x, y = next(batches)
         if poison is not None:
-            x, y = poison(x, y, generator)
+            x, y = poison(x, y, poison_generator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device):
             if loss is None:

@@ -204,7 +204,8 @@ def test_weights_are_theta_pre_plus_clamped_lambda_tau(granularity):
         {"granularity": granularity, "steps": 25, "lr": 0.2, "clamp": [0.0, 0.5]})
     lambdas, layers = result.info["lambdas"], result.info["layers"]
     flat = torch.tensor(lambdas).reshape(-1)
-    assert flat.max() <= 0.5 and (flat == 0.5).any() or (flat == 0.0).any()  # the clamp was hit
+    assert flat.min() >= 0.0 and flat.max() <= 0.5
+    assert ((flat == 0.0) | (flat == 0.5)).any(), flat  # the clamp was hit (at either bound)
     expected = by_hand(pretrained, list(task_vectors.values()), lambdas, layers)
     assert result.weights.keys() == pretrained.keys()
     for name in layers:

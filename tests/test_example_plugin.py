@@ -17,6 +17,14 @@ def test_example_plugin_installs_lists_and_runs(tmp_path, smoke_store):
                             capture_output=True, text=True, check=True).stdout
     line = next(l for l in listed.splitlines() if " average " in f" {l} ")
     assert "merger" in line and "mmbench-average" in line and "0.1.0" in line
+    # its declared parameter is listed, and checked before anything runs
+    shown = subprocess.run([sys.executable, "-m", "mmbench.cli", "plugins", "--params", "average"], env=env,
+                           capture_output=True, text=True, check=True).stdout
+    assert next(l for l in shown.splitlines() if l.startswith("scale")).split()[:3] == ["scale", "float", "1.0"]
+    bad = subprocess.run([sys.executable, "-m", "mmbench.cli", "plan", "--preset", "smoke", "--merger", "average",
+                          "--set", "average.scale=-1", "--store", str(tmp_path / "unused")], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "average.scale is a float ≥ 0 (default 1.0)" in bad.stderr
 
     store = tmp_path / "store"
     import shutil

@@ -84,9 +84,9 @@ import torch
 import torch.nn.functional as F
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, PluginError, Trigger
+from mmbench.api import Attack, AttackResult, Context, Param, PluginError, Trigger
 
-from .triggers import clamp_channels, corner_trigger, patch_side, uniform_patch
+from .triggers import POSITIONS, clamp_channels, corner_trigger, patch_side, uniform_patch
 
 # Part of every cached stage key of this file: the plugin version alone does not change
 # when the code does (editable installs), so bump this when a cached result would differ.
@@ -255,10 +255,17 @@ def optimise_patch(logits_fn: Logits, epoch_images: Callable[[int], Iterable[tor
 
 
 # --- the attacks -----------------------------------------------------------------------
-COMMON: dict[str, Any] = {
-    "task": None, "target_class": None, "position": "bottom-right",
-    "trigger_epochs": 10, "trigger_step": 1.0,
-    "alpha": 5.0, "ratio_range": [0.2, 1.0], "backdoor_fraction": 0.5,
+COMMON: dict[str, Param] = {
+    "task": Param(None, "str", help="the adversary's task; null → the preset's adversary task"),
+    "target_class": Param(None, "int", min=0, help="the backdoor's target class; null → the preset's"),
+    "position": Param("bottom-right", "str", choices=POSITIONS, help="where the patch is pasted"),
+    "trigger_epochs": Param(10, "int", min=0, help="stage 1: epochs of trigger optimisation"),
+    "trigger_step": Param(1.0, "float", min=0, help="stage 1: gradient-ascent step size on the patch"),
+    "alpha": Param(5.0, "float", min=0, help="stage 2: α, weight of the backdoor term of the loss"),
+    "ratio_range": Param([0.2, 1.0], "list[float]", length=2, min=0, max=1,
+                         help="stage 2: [low, high] of r ~ U, the fraction of τ in the interpolated features"),
+    "backdoor_fraction": Param(0.5, "float", min=0, max=1,
+                               help="stage 2: fraction of each batch that gets the trigger"),
 }
 
 
@@ -377,9 +384,15 @@ class _BadMerging(Attack):
 class BadMergingOnTask(_BadMerging):
     name = "badmerging"
     description = "BadMerging on-task (Zhang et al., CCS 2024): optimised patch + feature-interpolation loss"
-    defaults: dict[str, Any] = {
-        **COMMON, "patch_area": 0.01, "phi": 1.0,
-        "trigger_images_per_epoch": 2000, "trigger_max_iterations": 1000, "trigger_early_stop": True,
+    params = {
+        **COMMON,
+        "patch_area": Param(0.01, "float", min=0, max=1, min_exclusive=True,
+                            help="patch area as a fraction of the image (22 px at 224)"),
+        "phi": Param(1.0, "float", min=0, help="stage 1: φ, weight of the target log-probability"),
+        "trigger_images_per_epoch": Param(2000, "int", min=1, help="stage 1: adversary images per epoch"),
+        "trigger_max_iterations": Param(1000, "int", min=0, help="stage 1: at most this many steps per image"),
+        "trigger_early_stop": Param(True, "bool",
+                                    help="stage 1: stop an image once the patched image is classified as the target"),
     }
 
 
@@ -387,12 +400,31 @@ class BadMergingOffTask(_BadMerging):
     name = "badmerging_off"
     description = "BadMerging off-task (Zhang et al., CCS 2024): backdoors another contributor's task via a shadow head"
     off_task = True
-    defaults: dict[str, Any] = {
-        **COMMON, "target_task": None, "patch_area": 0.015, "phi": 30.0,
-        "trigger_max_iterations": 50, "trigger_early_stop": False,
-        "n_reference": 10, "num_augmentations": 100, "crop_scale": [0.2, 0.5], "crop_ratio": [0.75, 1.3333],
-        "pgd_eps": 8 / 255, "pgd_step": 1 / 255, "pgd_steps": 40,
-        "shadow_head": "random", "num_shadow_classes": 300,
+    params = {
+        **COMMON,
+        "target_class": Param(None, "int", min=0, help="a class of target_task; null → the preset's target class"),
+        "target_task": Param(None, "str", help="the contributor's task to backdoor; null → the preset's second "
+                                               "task (the first other task when the adversary is the second)"),
+        "patch_area": Param(0.015, "float", min=0, max=1, min_exclusive=True,
+                            help="patch area as a fraction of the image (27 px at 224)"),
+        "phi": Param(30.0, "float", min=0, help="stage 1: φ, weight of the target log-probability"),
+        "trigger_max_iterations": Param(50, "int", min=0, help="stage 1: steps per shadow image"),
+        "trigger_early_stop": Param(False, "bool",
+                                    help="stage 1: stop an image once the patched image is classified as the target"),
+        "n_reference": Param(10, "int", min=1, help="shadow data: target-class training images of target_task"),
+        "num_augmentations": Param(100, "int", min=1, help="shadow data: adversarial augmentations in all"),
+        "crop_scale": Param([0.2, 0.5], "list[float]", length=2, min=0, max=1, min_exclusive=True,
+                            help="shadow data: RandomResizedCrop area scale [low, high]"),
+        "crop_ratio": Param([0.75, 1.3333], "list[float]", length=2, min=0, min_exclusive=True,
+                            help="shadow data: RandomResizedCrop aspect ratio [low, high]"),
+        "pgd_eps": Param(8 / 255, "float", min=0, help="shadow data: PGD L∞ budget in pixel units (8/255)"),
+        "pgd_step": Param(1 / 255, "float", min=0, help="shadow data: PGD step in pixel units (1/255)"),
+        "pgd_steps": Param(40, "int", min=0, help="shadow data: PGD steps"),
+        "shadow_head": Param("random", "str", choices=("random", "preset"),
+                             help="random: target row + random orthonormal classes; preset: every class of "
+                                  "the preset"),
+        "num_shadow_classes": Param(300, "int", min=1,
+                                    help="random shadow head: other classes (capped at embed_dim − 1)"),
     }
 
     def targets(self, ctx: Context, params: dict[str, Any]) -> tuple[str, str, int]:

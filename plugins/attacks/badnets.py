@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context
+from mmbench.api import Attack, AttackResult, Context, Param
 
-from .triggers import checkerboard, corner_trigger, patch_side, poison_batch
+from .triggers import POSITIONS, checkerboard, corner_trigger, patch_side, poison_batch
 
 
 def make_trigger(ctx: Context, task: str, patch_area: float, position: str, phase: int = 0):
@@ -42,8 +42,14 @@ def badnets_finetune(ctx: Context, task: str, target: int, trigger, poison_rate:
 class BadNets(Attack):
     name = "badnets"
     description = "BadNets: patch trigger on a poisoned fraction of the adversary's data (classic baseline)"
-    defaults: dict[str, Any] = {"poison_rate": 0.1, "patch_area": 0.015625, "position": "bottom-right",
-                                "target_class": None, "task": None}
+    params = {
+        "poison_rate": Param(0.1, "float", min=0, max=1, help="fraction of each training batch poisoned"),
+        "patch_area": Param(0.015625, "float", min=0, max=1, min_exclusive=True,
+                            help="patch area as a fraction of the image (4×4 px at 32 px, 28×28 at 224)"),
+        "position": Param("bottom-right", "str", choices=POSITIONS, help="where the checkerboard patch goes"),
+        "target_class": Param(None, "int", min=0, help="the backdoor's target class; null → the preset's"),
+        "task": Param(None, "str", help="the adversary's task; null → the preset's adversary task"),
+    }
 
     def run(self, ctx: Context, params: dict[str, Any]) -> AttackResult:
         task = params["task"] or ctx.adversary_task

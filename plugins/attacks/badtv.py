@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, PluginError, StateDict
+from mmbench.api import Attack, AttackResult, Context, Param, PluginError, StateDict
 
 from .badnets import make_trigger
+from .triggers import POSITIONS
 
 
 def operating_point(pretrained: StateDict, weights: StateDict, lam: float) -> StateDict:
@@ -67,11 +68,26 @@ def draw_lambda(generator: torch.Generator, low: float, high: float) -> float:
 class BadTV(Attack):
     name = "badtv"
     description = "BadTV (Hsu et al., 2025; reconstructed): backdoor that survives adding AND negating the task vector"
-    defaults: dict[str, Any] = {
-        "task": None, "target_class": None, "patch_area": 0.015625,
-        "position_a": "bottom-right", "position_b": "top-left",
-        "lambda_range": [0.3, 1.0], "backdoor_fraction": 0.5, "weight_a": 1.0, "weight_b": 1.0,
-        "anchor_weight": 1.0, "eval_lambdas": [0.3, 0.5, 1.0], "epochs": None,
+    params = {
+        "task": Param(None, "str", help="the adversary's task; null → the preset's adversary task"),
+        "target_class": Param(None, "int", min=0, help="the backdoor's target class; null → the preset's"),
+        "patch_area": Param(0.015625, "float", min=0, max=1, min_exclusive=True,
+                            help="patch area of both triggers as a fraction of the image (4×4 px at 32 px)"),
+        "position_a": Param("bottom-right", "str", choices=POSITIONS,
+                            help="trigger A (addition, checkerboard): where the patch goes"),
+        "position_b": Param("top-left", "str", choices=POSITIONS,
+                            help="trigger B (negation, complementary checkerboard): where the patch goes"),
+        "lambda_range": Param([0.3, 1.0], "list[float]", length=2, min=0,
+                              help="[low, high] of λ ~ U drawn each step for the ±λτ operating points"),
+        "backdoor_fraction": Param(0.5, "float", min=0, max=1,
+                                   help="fraction of each batch stamped with trigger A (first) and B (last)"),
+        "weight_a": Param(1.0, "float", min=0, help="w_A: weight of trigger A → target at θ_pre + λτ"),
+        "weight_b": Param(1.0, "float", min=0, help="w_B: weight of trigger B → target at θ_pre − λτ"),
+        "anchor_weight": Param(1.0, "float", min=0,
+                               help="w_0: weight of the clean term at the shipped vector (λ = 1); 0 drops it"),
+        "eval_lambdas": Param([0.3, 0.5, 1.0], "list[float]", min=0,
+                              help="the λ at which info reports ACC/ASR under addition and negation"),
+        "epochs": Param(None, "int", min=1, help="fine-tuning epochs; null → the preset recipe's"),
     }
 
     def run(self, ctx: Context, params: dict[str, Any]) -> AttackResult:

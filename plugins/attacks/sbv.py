@@ -20,14 +20,58 @@ Reconstructed details:
   at corner i (bottom-right, top-left, top-right, bottom-left, cycling) and
   fine-tune seed s_i = seed + 1000·i, and its clean twin is the shared clean
   fine-tune with the SAME seed s_i (so BV_i holds the backdoor, not seed
-  noise); θ_clean of the submission is the seed-s_0 = cell-seed fine-tune.
+  noise, and no data-order noise either: ``mmbench.train`` draws the poisoning
+  from its own generator, so both fine-tunes see the same batches in the same
+  order); θ_clean of the submission is the seed-s_0 = cell-seed fine-tune.
   Each BV is a cached stage ``sbv.backdoor_vector`` shared by sbv and sbv_sc.
 - ASR (the harness's) uses BV 0's trigger (bottom-right checkerboard).
-- ``info`` records, per BV, the backdoored model's own ASR (θ_clean_i + BV_i,
-  own trigger), θ_clean + BV_i (the BV as built, λ = 1) alone, and the same
-  after a probe TA merge (θ_pre + λ_TA·Σ τ, the preset's ``ta.lambda`` unless ``probe_lambda``);
-  and the SBV submission's ASR for every BV's trigger, alone and probe-merged.
-  These make "SBV_SC after merging ≥ the best single BV" checkable per cell.
+
+What ``info`` compares with what. Every single BV goes through the SBV's own
+calibration, so the two are compared at their best operating points, not the
+SBV at a tuned (ρ, λ ≤ 3) against the BVs at λ = 1. The "probe merge" is
+θ_pre + λ_TA·(τ_adv + Σ_{k≠adv} τ_k): the ``ta`` merger's own function on the
+cell seed's clean task vectors, in the preset's task order, so with λ_TA equal
+to the cell's ``ta.lambda`` it IS the merge of the ``<attack>/ta/none`` cell,
+bit for bit.
+
+The SBV submission, τ_adv = θ_clean − θ_pre + λ_SBV·SBV:
+- ``fraction``, ``lambda_sbv``: its calibrated ρ and λ_SBV; ``dev_acc``,
+  ``dev_asr``: dev ACC / ASR (trigger 0) there; ``calibration``: θ_clean's dev
+  ACC, the tolerance and every grid row tried; ``kept``: nonzero fraction of SBV.
+- ``asr_per_trigger[i]``: θ_pre + τ_adv alone, test ASR with BV i's trigger.
+- ``probe_lambda``: λ_TA; ``probe_merged_acc``: the adversary task's test ACC
+  after the probe merge (the ta/none cell's ``attacked_task_acc``);
+  ``probe_merged_asr_per_trigger[i]``: test ASR after it with trigger i ([0] is
+  the ta/none cell's ``asr``).
+
+Single BV i, ``single_bvs[i]`` (cached stage ``sbv.single_bv``, one per BV,
+shared by sbv and sbv_sc: with one vector the sign-consistent mask keeps exactly
+BV_i's nonzero entries, so both rules give the same TopK). Its submission is
+τ_i = θ_clean − θ_pre + λ_i·TopK_ρi(BV_i), same θ_clean, chosen by the SAME
+search: the same candidates (``fraction_grid`` × ``lambda_grid``, or the values
+set), the same ``acc_tolerance`` rule (:func:`choose_operating_point`), the same
+dev split, with its own trigger i:
+- ``position``, ``seed``: its corner and fine-tune seed s_i;
+- ``backdoored_acc``, ``backdoored_asr``: the BadNets fine-tune θ_clean_i + BV_i
+  itself (test, trigger i);
+- ``fraction``, ``lambda``, ``dev_acc``, ``dev_asr``, ``calibration``, ``kept``:
+  as for the SBV;
+- ``acc``, ``asr``: the calibrated submission θ_pre + τ_i alone (test, trigger i);
+- ``probe_merged_acc``, ``probe_merged_asr``: after the same probe merge;
+- ``uncalibrated_acc``, ``uncalibrated_asr``, ``uncalibrated_probe_merged_asr``:
+  the BV as built, θ_clean + BV_i (ρ = 1, λ = 1), alone and probe-merged.
+``best_single_probe_merged_asr`` = max_i ``single_bvs[i].probe_merged_asr``.
+
+"SBV_SC keeps a higher ASR after merging than the best single BV it was built
+from" compares the sbv_sc ta/none cell's ``asr`` (= ``probe_merged_asr_per_trigger[0]``,
+trigger 0) with ``best_single_probe_merged_asr`` (each BV with its own trigger);
+per trigger, ``probe_merged_asr_per_trigger[i]`` against ``single_bvs[i].probe_merged_asr``
+is the same-trigger pair. λ_TA is ``probe_lambda``, else the preset's ``ta.lambda``,
+else 0.3 (ta's default). ``--set ta.lambda=X`` changes the cells' merges but not
+the probe (a stored attack artifact cannot depend on a merger's parameter): the
+cell's ``asr`` then differs from the probe's figures. Check that the cell's
+``info.merge.lambda`` equals ``info.attack.probe_lambda``, or pass
+``--set sbv_sc.probe_lambda=X`` (and ``sbv.probe_lambda=X``) along with it.
 
 Hyperparameters (defaults):
 - ``task`` / ``target_class``: null → the preset's adversary task and target.
@@ -38,11 +82,12 @@ Hyperparameters (defaults):
   ``fraction_grid`` [0.01, 0.02, 0.05, 0.1, 0.2] × ``lambda_grid`` [0.25, 0.5,
   0.75, 1, 1.5, 2, 3], taking the highest dev ASR (trigger 0) whose dev ACC
   stays within ``acc_tolerance`` 0.02 of θ_clean's ("ACC stays flat"; the
-  paper gives no numbers). The grid is in ``info["calibration"]``. On ``tiny``
+  paper gives no numbers). The grid is in ``info["calibration"]``; each single
+  BV is calibrated the same way (above). On ``tiny``
   the BVs trade ACC for ASR steeply, so a fixed pair good there (ρ 0.05,
   λ 0.75) would not carry over to another preset.
 - ``poison_rate`` 0.1, ``patch_area`` 0.015625: the BadNets fine-tunes.
-- ``probe_lambda`` null → the preset's ``ta.lambda`` or 0.3.
+- ``probe_lambda`` null → the preset's ``ta.lambda`` or 0.3 (λ_TA of the probe merge).
 """
 from __future__ import annotations
 
@@ -52,13 +97,16 @@ from typing import Any
 import torch
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, PluginError, StateDict
+from mmbench.api import Attack, AttackResult, Context, Param, PluginError, StateDict
 from mmbench.vectors import topk, weighted_sum
 
+from ..mergers.task_arithmetic import task_arithmetic
 from .badnets import badnets_finetune, make_trigger
 
-# Part of the cached BV key: the plugin version does not change with the code.
-REVISION = 1
+# Part of the cached stage keys (which also hold this package's code): bump when what a stage
+# computes changes from outside it. 2: poisoning draws from its own generator (mmbench.train).
+REVISION = 2
+TA_DEFAULT_LAMBDA = 0.3  # the ta merger's default λ
 CORNERS = ("bottom-right", "top-left", "top-right", "bottom-left")
 SEED_STRIDE = 1000
 
@@ -97,13 +145,112 @@ def bv_plan(n: int, seed: int) -> list[tuple[str, int]]:
     return [(CORNERS[i % len(CORNERS)], seed + SEED_STRIDE * i) for i in range(n)]
 
 
+def kept(vector: StateDict) -> float:
+    """The fraction of nonzero entries."""
+    return float(sum(int((v != 0).sum()) for v in vector.values()) / sum(v.numel() for v in vector.values()))
+
+
+def search_grid(params: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The candidate ρ and λ (ascending) of a calibration: the grids where ``fraction`` /
+    ``lambda_sbv`` are "auto", else the one value set. The SBV and every single BV search these."""
+    fractions = params["fraction_grid"] if params["fraction"] == "auto" else [params["fraction"]]
+    lambdas = params["lambda_grid"] if params["lambda_sbv"] == "auto" else [params["lambda_sbv"]]
+    return [float(f) for f in fractions], sorted(float(lam) for lam in lambdas)
+
+
+def calibrate(ctx: Context, task: str, target: int, clean: StateDict, vectors: list[StateDict], trigger,
+              fractions: list[float], lambdas: list[float], tolerance: float,
+              sign_consistent: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """Pick ρ and λ for θ_clean + λ·TopK_ρ(combined ``vectors``) on the adversary's own dev split:
+    the highest dev ASR (with ``trigger``) whose dev ACC stays within ``tolerance`` of θ_clean's
+    (:func:`choose_operating_point`; reconstructed, the attacker owns this data). For each ρ, λ
+    rises until the dev ACC leaves the tolerance (it only falls further with λ). Returns the
+    chosen row (fraction, lambda, dev acc, dev asr) and {clean_dev_acc, tolerance, grid}."""
+    clean_acc = ctx.accuracy(clean, task, split="dev")
+    table = []
+    for fraction in fractions:
+        sparse = sparse_backdoor_vector(vectors, fraction, sign_consistent)
+        for lam in lambdas:
+            weights = {k: clean[k] + lam * sparse[k] for k in clean}
+            row = {"fraction": fraction, "lambda": lam, "acc": ctx.accuracy(weights, task, split="dev"),
+                   "asr": ctx.attack_success_rate(weights, task, trigger, target, split="dev")}
+            table.append(row)
+            if row["acc"] < clean_acc - tolerance:
+                break
+    chosen = choose_operating_point(table, clean_acc, tolerance)
+    return chosen, {"clean_dev_acc": clean_acc, "tolerance": tolerance, "grid": table}
+
+
+def probe_lambda(ctx: Context, params: dict[str, Any]) -> float:
+    """λ_TA of the probe merge: ``probe_lambda``, else the preset's ``ta.lambda``, else ``ta``'s
+    default. Never a ``--set ta.lambda`` (the attack's stored artifact cannot depend on a merger's
+    override; see the module docstring)."""
+    lam = params["probe_lambda"]
+    if lam is None:
+        lam = ctx.preset.plugin_params.get("ta", {}).get("lambda", TA_DEFAULT_LAMBDA)
+    return float(lam)
+
+
+def probe_merge(ctx: Context, task: str, adversary_vector: StateDict, lam: float) -> StateDict:
+    """θ_pre + λ·(τ_adv + Σ_{k≠adv} τ_k): the ``ta`` merger's own function on the cell seed's clean
+    task vectors in the preset's task order, τ_adv in the adversary's place, as the harness merges a
+    cell: with ``lam`` = the cell's ``ta.lambda`` this is the ``ta``/``none`` cell's merge, bit for bit."""
+    vectors = {t: adversary_vector if t == task else ctx.task_vector(t) for t in ctx.tasks}
+    return task_arithmetic(ctx.pretrained(), vectors, lam)
+
+
+def single_bv(ctx: Context, task: str, target: int, clean: StateDict, bv: StateDict, trigger,
+              fractions: list[float], lambdas: list[float], tolerance: float, ta_lambda: float
+              ) -> tuple[StateDict, dict[str, Any]]:
+    """BV i on its own, given the SBV's calibration (same candidates, rule, dev split; its own
+    trigger): τ_i = θ_clean − θ_pre + λ_i·TopK_ρi(BV_i). With one vector the sign-consistent mask
+    is exactly BV_i's nonzero entries, so this is the same for sbv and sbv_sc (one cached stage)."""
+    start = time.perf_counter()
+    pre = ctx.pretrained()
+    chosen, table = calibrate(ctx, task, target, clean, [bv], trigger, fractions, lambdas, tolerance,
+                              sign_consistent=False)
+    sparse = sparse_backdoor_vector([bv], chosen["fraction"], sign_consistent=False)
+    vector = {k: clean[k] - pre[k] + chosen["lambda"] * sparse[k] for k in clean}
+    submitted = {k: pre[k] + v for k, v in vector.items()}
+    merged = probe_merge(ctx, task, vector, ta_lambda)
+    as_built = {k: clean[k] + bv[k] for k in clean}  # ρ = 1, λ = 1
+    merged_as_built = probe_merge(ctx, task, {k: as_built[k] - pre[k] for k in as_built}, ta_lambda)
+    info = {"fraction": chosen["fraction"], "lambda": chosen["lambda"],
+            "dev_acc": chosen["acc"], "dev_asr": chosen["asr"], "calibration": table, "kept": kept(sparse),
+            "acc": ctx.accuracy(submitted, task), "asr": ctx.attack_success_rate(submitted, task, trigger, target),
+            "probe_merged_acc": ctx.accuracy(merged, task),
+            "probe_merged_asr": ctx.attack_success_rate(merged, task, trigger, target),
+            "uncalibrated_acc": ctx.accuracy(as_built, task),
+            "uncalibrated_asr": ctx.attack_success_rate(as_built, task, trigger, target),
+            "uncalibrated_probe_merged_asr": ctx.attack_success_rate(merged_as_built, task, trigger, target)}
+    info["seconds"] = time.perf_counter() - start
+    return {}, info
+
+
 class _SparseBackdoorVector(Attack):
     sign_consistent = False
-    defaults: dict[str, Any] = {
-        "task": None, "target_class": None, "base_attack": "badnets", "n": 3,
-        "fraction": "auto", "lambda_sbv": "auto", "acc_tolerance": 0.02,
-        "fraction_grid": [0.01, 0.02, 0.05, 0.1, 0.2], "lambda_grid": [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0],
-        "poison_rate": 0.1, "patch_area": 0.015625, "probe_lambda": None,
+    params = {
+        "task": Param(None, "str", help="the adversary's task; null → the preset's adversary task"),
+        "target_class": Param(None, "int", min=0, help="the backdoor's target class; null → the preset's"),
+        "base_attack": Param("badnets", "str", choices=("badnets",),
+                             help="the attack that builds each backdoor vector (only badnets is implemented)"),
+        "n": Param(3, "int", min=1, help="backdoor vectors combined (corners cycle, fine-tune seeds step by 1000)"),
+        "fraction": Param("auto", "float", min=0, max=1, min_exclusive=True, special=("auto",),
+                          help="ρ: fraction of entries TopK keeps; auto → calibrated on the attacker's dev "
+                               "split over fraction_grid"),
+        "lambda_sbv": Param("auto", "float", min=0, special=("auto",),
+                            help="λ_SBV: scale of the SBV added to θ_clean; auto → calibrated over lambda_grid"),
+        "acc_tolerance": Param(0.02, "float", min=0, max=1,
+                               help="calibration: how far the dev ACC may fall below θ_clean's"),
+        "fraction_grid": Param([0.01, 0.02, 0.05, 0.1, 0.2], "list[float]", min=0, max=1, min_exclusive=True,
+                               help="calibration: the ρ tried when fraction is auto"),
+        "lambda_grid": Param([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0], "list[float]", min=0,
+                             help="calibration: the λ_SBV tried when lambda_sbv is auto"),
+        "poison_rate": Param(0.1, "float", min=0, max=1, help="BadNets fine-tunes: fraction of each batch poisoned"),
+        "patch_area": Param(0.015625, "float", min=0, max=1, min_exclusive=True,
+                            help="BadNets fine-tunes: patch area as a fraction of the image"),
+        "probe_lambda": Param(None, "float", min=0,
+                              help="λ of the probe TA merge reported in info; null → the preset's ta.lambda or 0.3"),
     }
 
     def run(self, ctx: Context, params: dict[str, Any]) -> AttackResult:
@@ -115,58 +262,57 @@ class _SparseBackdoorVector(Attack):
         if int(params["n"]) < 1:
             raise PluginError(f"{self.name}: n must be ≥ 1")
         target = ctx.target_class if params["target_class"] is None else int(params["target_class"])
-        triggers, vectors, singles = [], [], []
+        triggers, vectors, built = [], [], []
         for corner, seed in bv_plan(int(params["n"]), ctx.seed):
             trigger = make_trigger(ctx, task, params["patch_area"], corner)
+            key = {"revision": REVISION, "base_attack": "badnets", "task": task, "target_class": target,
+                   "position": corner, "seed": seed, "poison_rate": params["poison_rate"],
+                   "patch_area": params["patch_area"]}
             tensors, info = ctx.cached(
-                "sbv.backdoor_vector",
-                {"revision": REVISION, "base_attack": "badnets", "task": task, "target_class": target,
-                 "position": corner, "seed": seed, "poison_rate": params["poison_rate"],
-                 "patch_area": params["patch_area"]},
+                "sbv.backdoor_vector", key,
                 lambda: self.backdoor_vector(ctx, task, target, trigger, params["poison_rate"], seed),
                 label=f"{task}, {corner}, fine-tune seed {seed}")
             triggers.append(trigger)
             vectors.append(tensors)
-            singles.append({"position": corner, "seed": seed, **info})
+            built.append((key, info))
         start = time.perf_counter()
         pre = ctx.pretrained()
         clean = ctx.clean_finetune(task)
-        chosen, table = self.calibrate(ctx, task, target, clean, vectors, triggers[0], params)
+        fractions, lambdas = search_grid(params)
+        tolerance = float(params["acc_tolerance"])
+        chosen, table = calibrate(ctx, task, target, clean, vectors, triggers[0], fractions, lambdas, tolerance,
+                                  self.sign_consistent)
         sbv = sparse_backdoor_vector(vectors, chosen["fraction"], self.sign_consistent)
         lam = chosen["lambda"]
         task_vector = {k: clean[k] - pre[k] + lam * sbv[k] for k in clean}
         seconds = time.perf_counter() - start
+        ta_lambda = probe_lambda(ctx, params)
+        merged = probe_merge(ctx, task, task_vector, ta_lambda)
+        submitted = {k: pre[k] + v for k, v in task_vector.items()}
+        singles = []
+        for (key, bv_info), bv, trigger in zip(built, vectors, triggers):
+            _, single = ctx.cached(
+                "sbv.single_bv",
+                {"revision": REVISION, "backdoor_vector": key, "fractions": fractions, "lambdas": lambdas,
+                 "acc_tolerance": tolerance, "probe_lambda": ta_lambda},
+                lambda: single_bv(ctx, task, target, clean, bv, trigger, fractions, lambdas, tolerance, ta_lambda),
+                label=f"{task}, {key['position']}, fine-tune seed {key['seed']}")
+            singles.append({"position": key["position"], "seed": key["seed"],
+                            "backdoored_acc": bv_info["acc"], "backdoored_asr": bv_info["asr"], **single})
         info = {"evaluated_trigger": 0, "fraction": chosen["fraction"], "lambda_sbv": lam,
-                "calibration": table, "combine_seconds": seconds,
-                "kept": float(sum(int((v != 0).sum()) for v in sbv.values()) / sum(v.numel() for v in sbv.values())),
-                **self.probe(ctx, task, target, task_vector, vectors, triggers, singles, params)}
+                "dev_acc": chosen["acc"], "dev_asr": chosen["asr"], "calibration": table,
+                "combine_seconds": seconds, "kept": kept(sbv),
+                "asr_per_trigger": [ctx.attack_success_rate(submitted, task, t, target) for t in triggers],
+                "probe_lambda": ta_lambda,
+                "probe_merged_acc": ctx.accuracy(merged, task),
+                "probe_merged_asr_per_trigger": [ctx.attack_success_rate(merged, task, t, target) for t in triggers],
+                "single_bvs": singles,
+                "best_single_probe_merged_asr": max(s["probe_merged_asr"] for s in singles)}
         if self.sign_consistent:
             mask = sign_consistent_mask(vectors)
             info["sign_consistent"] = float(sum(int(m.sum()) for m in mask.values())
                                             / sum(m.numel() for m in mask.values()))
         return AttackResult(task=task, task_vector=task_vector, trigger=triggers[0], target_class=target, info=info)
-
-    def calibrate(self, ctx: Context, task: str, target: int, clean: StateDict, vectors: list[StateDict],
-                  trigger, params: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-        """Pick ρ and λ_SBV ("auto") on the adversary's own dev split: the highest dev ASR whose dev
-        ACC stays within ``acc_tolerance`` of θ_clean's (reconstructed; the attacker owns this data)."""
-        fractions = params["fraction_grid"] if params["fraction"] == "auto" else [float(params["fraction"])]
-        lambdas = params["lambda_grid"] if params["lambda_sbv"] == "auto" else [float(params["lambda_sbv"])]
-        if len(fractions) == 1 and len(lambdas) == 1:
-            return {"fraction": fractions[0], "lambda": lambdas[0]}, {}
-        clean_acc = ctx.accuracy(clean, task, split="dev")
-        table = []
-        for fraction in fractions:
-            sbv = sparse_backdoor_vector(vectors, fraction, self.sign_consistent)
-            for lam in sorted(lambdas):
-                weights = {k: clean[k] + lam * sbv[k] for k in clean}
-                row = {"fraction": fraction, "lambda": lam, "acc": ctx.accuracy(weights, task, split="dev"),
-                       "asr": ctx.attack_success_rate(weights, task, trigger, target, split="dev")}
-                table.append(row)
-                if row["acc"] < clean_acc - params["acc_tolerance"]:
-                    break  # ACC only falls further with λ
-        chosen = choose_operating_point(table, clean_acc, params["acc_tolerance"])
-        return chosen, {"clean_dev_acc": clean_acc, "tolerance": params["acc_tolerance"], "grid": table}
 
     @staticmethod
     def backdoor_vector(ctx: Context, task: str, target: int, trigger, poison_rate: float, seed: int):
@@ -177,33 +323,6 @@ class _SparseBackdoorVector(Attack):
                 "asr": ctx.attack_success_rate(backdoored, task, trigger, target),
                 "seconds": time.perf_counter() - start}
         return {k: v - clean[k] for k, v in backdoored.items()}, info
-
-    def probe(self, ctx: Context, task: str, target: int, task_vector: StateDict, vectors: list[StateDict],
-              triggers: list, singles: list[dict], params: dict[str, Any]) -> dict[str, Any]:
-        """Single BVs vs the SBV, alone and after a probe TA merge (see the module docstring)."""
-        ta_lambda = params["probe_lambda"]
-        if ta_lambda is None:
-            ta_lambda = ctx.preset.plugin_params.get("ta", {}).get("lambda", 0.3)
-        pre = ctx.pretrained()
-        clean = ctx.clean_finetune(task)
-        others = [ctx.task_vector(t) for t in ctx.tasks if t != task]
-        rest = weighted_sum(others, [1.0] * len(others)) if others else {}
-
-        def merged(adv_vector: StateDict) -> StateDict:
-            return {k: pre[k] + ta_lambda * (adv_vector.get(k, 0) + rest.get(k, 0)) for k in pre}
-        single_bvs = []
-        for bv, trigger, single in zip(vectors, triggers, singles):
-            injected = {k: clean[k] + bv[k] for k in clean}  # the BV as built (λ = 1)
-            vector = {k: injected[k] - pre[k] for k in injected}
-            single_bvs.append({**single, "injected_acc": ctx.accuracy(injected, task),
-                               "injected_asr": ctx.attack_success_rate(injected, task, trigger, target),
-                               "probe_merged_asr": ctx.attack_success_rate(merged(vector), task, trigger, target)})
-        submitted = {k: pre[k] + v for k, v in task_vector.items()}
-        merged_sbv = merged(task_vector)
-        return {"probe_lambda": ta_lambda, "single_bvs": single_bvs,
-                "asr_per_trigger": [ctx.attack_success_rate(submitted, task, t, target) for t in triggers],
-                "probe_merged_asr_per_trigger": [ctx.attack_success_rate(merged_sbv, task, t, target)
-                                                 for t in triggers]}
 
 
 class SparseBackdoorVector(_SparseBackdoorVector):

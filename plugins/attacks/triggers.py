@@ -23,6 +23,10 @@ def checkerboard(side: int, low: torch.Tensor, high: torch.Tensor, phase: int = 
     return low + (high - low) * on
 
 
+# where a patch can go (corner_trigger)
+POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
+
+
 def corner_trigger(pattern: torch.Tensor, image_size: int, position: str) -> Trigger:
     """Place ``pattern`` at a named corner (``bottom-right`` ...) or ``center``."""
     if position == "center":

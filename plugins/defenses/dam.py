@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 import mmbench
-from mmbench.api import BoundMerger, Context, Defense, Merged, PluginError, StateDict
+from mmbench.api import BoundMerger, Context, Defense, Merged, Param, PluginError, StateDict
 
 MASKS = ("single", "dual")
 EVAL_MASKS = ("continuous", "discrete")
@@ -287,10 +287,23 @@ def final_mask(logits: StateDict, params: dict[str, Any], generator: torch.Gener
 class DefenseAwareMerging(Defense):
     name = "dam"
     description = "DAM: meta-learned safety-aware mask on the task vectors, then the merger"
-    defaults: dict[str, Any] = {"steps": 1000, "batch_size": 16, "temperature": 0.5, "initial_logits": 0.0,
-                                "mask_lr": 1e-3, "lambda_init": 0.3, "lambda_lr": 1.0,
-                                "perturbation_lr": 1e-4, "alpha": 0.1, "masks": "single",
-                                "eval_mask": "continuous", "split": "dev"}
+    params = {
+        "steps": Param(1000, "int", min=0, help="outer steps meta-learning the mask"),
+        "batch_size": Param(16, "int", min=1, help="unlabelled images per task per forward"),
+        "temperature": Param(0.5, "float", min=0, min_exclusive=True, help="relaxed-Bernoulli temperature"),
+        "initial_logits": Param(0.0, "float", help="mask logits at the start (0: keep probability 0.5)"),
+        "mask_lr": Param(1e-3, "float", min=0, help="Adam learning rate of the mask logits"),
+        "lambda_init": Param(0.3, "float", help="the task-wise λ, reset to this value every step"),
+        "lambda_lr": Param(1.0, "float", min=0, help="Adam learning rate of the one λ step per outer step"),
+        "perturbation_lr": Param(1e-4, "float", min=0, help="Adam learning rate of the input perturbations δ_k"),
+        "alpha": Param(0.1, "float", min=0, help="α: weight of the perturbed-input entropy"),
+        "masks": Param("single", "str", choices=MASKS,
+                       help="single (public code) or dual (the paper's two masks; reconstructed)"),
+        "eval_mask": Param("continuous", "str", choices=EVAL_MASKS,
+                           help="the final mask: a relaxed-Bernoulli (continuous) or Bernoulli (discrete) sample"),
+        "split": Param("dev", "str", choices=("dev", "test", "train"),
+                       help="the unlabelled images (the public code uses shuffled test images)"),
+    }
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:

@@ -47,9 +47,10 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import BoundMerger, Context, Defense, Merged, PluginError, StateDict
+from mmbench.api import BoundMerger, Context, Defense, Merged, Param, PluginError, StateDict
 from mmbench.vectors import norm
 from mmbench_plugins.attacks.badnets import badnets_finetune, make_trigger
+from mmbench_plugins.attacks.triggers import POSITIONS
 
 
 def subtract_backdoor_vector(weights: StateDict, backdoor_vector: StateDict, lam: float) -> StateDict:
@@ -86,8 +87,17 @@ def injection_vector(ctx: Context, params: dict[str, Any]) -> tuple[StateDict, d
 class InjectionBackdoorVectorSubtraction(Defense):
     name = "ibvs"
     description = "IBVS: subtract the defender's own injected backdoor vector from the merge"
-    defaults: dict[str, Any] = {"lambda": 1.0, "task": None, "target_class": 0, "poison_rate": 0.1,
-                                "patch_area": 0.015625, "position": "top-left", "phase": 1}
+    params = {
+        "lambda": Param(1.0, "float", min=0, help="λ_IBVS: scale of the subtracted injected backdoor vector"),
+        "task": Param(None, "str", help="the defender's task; null → the preset's last task"),
+        "target_class": Param(0, "int", min=0, help="the class the defender's trigger maps to, on its own task"),
+        "poison_rate": Param(0.1, "float", min=0, max=1,
+                             help="fraction of each training batch poisoned in the injection (as BadNets)"),
+        "patch_area": Param(0.015625, "float", min=0, max=1, min_exclusive=True,
+                            help="patch area as a fraction of the image (4×4 px at 32 px)"),
+        "position": Param("top-left", "str", choices=POSITIONS, help="where the defender's patch goes"),
+        "phase": Param(1, "int", choices=(0, 1), help="phase of the patch's black/white checkerboard"),
+    }
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:

@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import BoundMerger, Context, Defense, Merged, StateDict
+from mmbench.api import BoundMerger, Context, Defense, Merged, Param, StateDict
 
 
 class NoDefense(Defense):
     name = "none"
     description = "No defense: merge as the merger does"
-    defaults: dict[str, Any] = {}
+    params: dict[str, Param] = {}
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:

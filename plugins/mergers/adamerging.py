@@ -48,7 +48,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from mmbench.api import Merged, Merger, PluginError, StateDict
+from mmbench.api import Merged, Merger, Param, PluginError, StateDict
 from mmbench.vectors import float_items
 
 from . import ties
@@ -115,8 +115,21 @@ class AdaMerging(Merger):
 
     name = "adamerging"
     description = "AdaMerging: task- or layer-wise coefficients learned by test-time entropy minimisation"
-    defaults = {"granularity": "layer", "steps": 500, "lr": 1e-3, "batch_size": 16, "init": 0.3,
-                "clamp": [0.0, 1.0], "split": "dev", "plus": False, "ties_k": 0.2}
+    params = {
+        "granularity": Param("layer", "str", choices=GRANULARITIES,
+                             help="layer: one λ per tensor and task (P × K); task: one λ per task (K)"),
+        "steps": Param(500, "int", min=0, help="Adam steps on the coefficients (FusionBench uses 1000)"),
+        "lr": Param(1e-3, "float", min=0, help="Adam learning rate (betas 0.9, 0.999)"),
+        "batch_size": Param(16, "int", min=1, help="unlabelled images per task per step"),
+        "init": Param(0.3, "float", help="initial value of every λ (must lie inside clamp)"),
+        "clamp": Param([0.0, 1.0], "list[float]", length=2,
+                       help="[low, high] bounds applied to λ in every merge (the paper: [0, 1])"),
+        "split": Param("dev", "str", choices=("dev", "test", "train"),
+                       help="images the entropy is measured on (labels are never read): dev (BadMerging) "
+                            "or test (the original code)"),
+        "plus": Param(False, "bool", help="AdaMerging++: merge TIES-trimmed, sign-resolved task vectors"),
+        "ties_k": Param(0.2, "float", min=0, min_exclusive=True, help="the TIES trim fraction used by plus"),
+    }
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
               ctx: Any, params: dict[str, Any]) -> Merged:

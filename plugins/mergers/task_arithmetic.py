@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import Context, Merged, Merger, StateDict
+from mmbench.api import Context, Merged, Merger, Param, StateDict
 
 
 def task_arithmetic(pretrained: StateDict, task_vectors: dict[str, StateDict], lam: float) -> StateDict:
@@ -24,7 +24,7 @@ def task_arithmetic(pretrained: StateDict, task_vectors: dict[str, StateDict], l
 class TaskArithmetic(Merger):
     name = "ta"
     description = "Task Arithmetic: θ_pre + λ·Σ τ_k"
-    defaults: dict[str, Any] = {"lambda": 0.3}
+    params = {"lambda": Param(0.3, "float", min=0, help="λ: the scaling coefficient of Σ τ_k (the papers' default)")}
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict], ctx: Context,
               params: dict[str, Any]) -> Merged:

@@ -55,7 +55,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmbench.api import Merged, Merger, PluginError, StateDict
+from mmbench.api import Merged, Merger, Param, PluginError, StateDict
 from mmbench.vectors import float_items, kth_largest_magnitude
 
 MERGES = ("sum", "mean", "max")
@@ -244,7 +244,14 @@ class Ties(Merger):
 
     name = "ties"
     description = "TIES-Merging: trim each task vector to its top-k, elect signs, merge the agreeing entries"
-    defaults = {"k": 0.2, "merge": "sum", "lambda": 0.3}
+    params = {
+        "k": Param(0.2, "float", min=0, min_exclusive=True,
+                   help="fraction of each task vector's entries kept by the trim (≥ 1 keeps all)"),
+        "merge": Param("sum", "str", choices=MERGES,
+                       help="disjoint merge of the agreeing entries: sum (BadMerging/AdaMerging code), "
+                            "mean (the paper) or max (largest magnitude)"),
+        "lambda": Param(0.3, "float", min=0, help="λ: scale of the merged vector (θ = θ_pre + λ·merged)"),
+    }
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
               ctx: Any, params: dict[str, Any]) -> Merged:
