@@ -85,8 +85,8 @@ METRICS = ("acc", "normalized_acc", "asr", "acc_per_task", "normalized_acc_per_t
 
 def frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The ok results as a DataFrame: preset, attack, merger, defense, seed, every metric of
-    :data:`METRICS` (None where a result lacks it) and ``attack_info`` (the result's
-    ``info.attack``, {} without an attack). Results of another status (failed, stale) are left out."""
+    :data:`METRICS` (None where a result lacks it), ``attack_info`` (the result's
+    ``info.attack``, {} without an attack) and ``merge_info`` (``info.merge``). Results of another status (failed, stale) are left out."""
     rows = []
     for r in results:
         if r.get("status") != "ok":
@@ -95,8 +95,9 @@ def frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
         rows.append({"preset": r.get("preset"), "attack": r.get("attack"), "merger": r.get("merger"),
                      "defense": r.get("defense"), "seed": int(r.get("seed")),
                      **{k: m.get(k) for k in METRICS},
-                     "attack_info": (r.get("info") or {}).get("attack") or {}})
-    columns = ["preset", "attack", "merger", "defense", "seed", *METRICS, "attack_info"]
+                     "attack_info": (r.get("info") or {}).get("attack") or {},
+                     "merge_info": (r.get("info") or {}).get("merge") or {}})
+    columns = ["preset", "attack", "merger", "defense", "seed", *METRICS, "attack_info", "merge_info"]
     df = pd.DataFrame(rows, columns=columns)
     return df.sort_values(["preset", "attack", "merger", "defense", "seed"], kind="mergesort").reset_index(drop=True)
 
@@ -179,7 +180,13 @@ def _badmerging_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
 def _sbv_sc_vs_single(df: pd.DataFrame) -> dict[str, list[Values]]:
     out: Values = {}
     for _, r in _where(df, attack="sbv_sc", merger="ta", defense="none").iterrows():
-        singles = [b.get("probe_merged_asr") for b in (r.attack_info or {}).get("single_bvs") or []]
+        info = r.attack_info or {}
+        # the single BVs were merged at the attack's probe λ: only comparable with a cell merged at that λ
+        merged_at = (r.merge_info or {}).get("lambda")
+        if merged_at is not None and info.get("probe_lambda") is not None \
+                and abs(float(merged_at) - float(info["probe_lambda"])) > 1e-12:
+            continue
+        singles = [b.get("probe_merged_asr") for b in info.get("single_bvs") or []]
         singles = [float(s) for s in singles if _finite(s)]
         if singles and _finite(r.asr) and int(r.seed) not in out:
             out[int(r.seed)] = float(r.asr) - max(singles)

@@ -73,6 +73,8 @@ class Preset:
     adversary_task: str = ""
     target_class: int = 0
     eval_batch_size: int = 512
+    # the seeds a plain `mmbench run` computes and the leaderboard expects (not part of any key:
+    # each stage that depends on a seed has the seed in its own key)
     seeds: tuple[int, ...] = (0,)
     plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ta": {"lambda": ...}
 
@@ -131,22 +133,25 @@ TINY = Preset(
     adversary_task="fashion_mnist",
     target_class=0,
     eval_batch_size=1000,
-    # Measured on this preset (docs/presets.md): TA λ = 0.5 chosen on the dev split (the TA
-    # paper's procedure; 3 tasks need a larger λ than the papers' 0.3 for 6–8 tasks); BadNets
-    # needs 20% poison to reach ≥ 90% ASR alone under this recipe (as PROBES.md found).
-    # Attacks other than BadNets use an 8×8 patch (one full patch token of this ViT) and a
-    # trigger search cut to fit a CPU (the papers' settings take hours here).
-    plugin_params={"ta": {"lambda": 0.5}, "ties": {"lambda": 1.3}, "badnets": {"poison_rate": 0.2},
-                   "badmerging": {"patch_area": 0.0625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
+    seeds=(0, 1, 2),  # the published leaderboard: mean and 95 % t-interval over three seeds
+    # Every value below comes from a rule that uses only what the choosing party can know, on
+    # dev splits (docs/presets.md "Selection rules"; re-derive with `mmbench tune`, sweeps in
+    # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC
+    # (TA λ 0.7; TIES k 0.3, λ 0.9); the attacker its own model's dev ASR at ≤ 2 points of dev
+    # ACC (BadNets 30 % poison, the first rate to reach 90 % dev ASR, none kept ACC within
+    # 2 points; BadMerging a 4×4 patch, as off-task's default; BadTV an 8×8 patch; SBV's backdoor
+    # vectors are BadNets fine-tunes with BadNets' settings). The rest is compute budget,
+    # fixed without looking at any result: BadMerging's trigger search, and AdaMerging/DAM
+    # with fewer, larger steps than the papers (AdaMerging 100 steps at 5e-3 and 500 at 1e-3
+    # give the same dev ACC).
+    plugin_params={"ta": {"lambda": 0.7}, "ties": {"k": 0.3, "lambda": 0.9},
+                   "badnets": {"poison_rate": 0.3},
+                   "badmerging": {"patch_area": 0.015625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
                                   "trigger_max_iterations": 20},
-                   "badmerging_off": {"patch_area": 0.0625, "trigger_epochs": 2, "num_augmentations": 50},
+                   "badmerging_off": {"trigger_epochs": 2, "num_augmentations": 50},
                    "badtv": {"patch_area": 0.0625},
-                   "sbv": {"poison_rate": 0.2, "patch_area": 0.0625},
-                   "sbv_sc": {"poison_rate": 0.2, "patch_area": 0.0625},
-                   # learned merging sized for a CPU: fewer steps than the papers (AdaMerging 500,
-                   # DAM 1000) with a larger step size; lr × steps as in the 500-step AdaMerging
-                   # and 300-step DAM runs these replace, which gave the same figures
-                   # within ~1 point of ACC (docs/presets.md)
+                   "sbv": {"poison_rate": 0.3},
+                   "sbv_sc": {"poison_rate": 0.3},
                    "adamerging": {"steps": 100, "lr": 5e-3},
                    "dam": {"steps": 100, "mask_lr": 3e-3}},
 )
@@ -253,6 +258,7 @@ def paper_preset(arch: str = "vit-b-32", task_set: str = "6task") -> Preset:
         adversary_task=adversary,
         target_class=target,
         eval_batch_size=PAPER_EVAL_BATCH[arch],
+        seeds=(0, 1, 2),
     )
 
 

@@ -272,7 +272,7 @@ def test_plan_counts_cached_stages_and_batch_override(tmp_path, capsys):
     Store(tmp_path).save(shared.data_key("pets"), "data", {"train.indices": torch.arange(3)},
                          {"sizes": {"train": 3000, "dev": 300, "test": 3669}})
     assert main(["plan", "--preset", "vit-b-32-6task", "--store", str(tmp_path), "--attack", "none",
-                 "--merger", "ta", "--defense", "none", "--batch-size", "64"]) == 0
+                 "--merger", "ta", "--defense", "none", "--batch-size", "64", "--seed", "0"]) == 0
     out = capsys.readouterr().out
     assert "1 of 15 stages cached" in out and "batch 64" in out
     assert "3515 steps" in out  # CIFAR100 at batch 64: 45000 // 64 × 5
