@@ -75,7 +75,7 @@ def contrastive_pretrain(model: torch.nn.Module, spec: ModelSpec, images: torch.
                          progress: Callable[[Iterable], Iterable] = lambda it: it) -> dict:
     """CLIP-style contrastive pretraining of a randomly initialised tiny model.
 
-    Reconstructed for the tiny presets (PROBES.md): AdamW (lr ``spec.pretrain_lr``,
+    Reconstructed for the tiny presets (measured before the project began): AdamW (lr ``spec.pretrain_lr``,
     wd 0.1), one-cycle schedule, ``spec.pretrain_steps`` steps of batch
     ``spec.pretrain_batch_size``; the token embedding stays frozen (a tiny text
     tower otherwise overfits the few captions). Batches contain one caption per
@@ -120,7 +120,7 @@ def orthogonal_heads(class_counts: dict[str, int], embed_dim: int, scale: float,
     """Fixed random orthonormal class vectors, disjoint across tasks, times ``scale``.
 
     One random orthogonal matrix; task t takes the next C_t columns, so every
-    class vector is orthogonal to every other class of every task. PROBES.md
+    class vector is orthogonal to every other class of every task. Measurements before the project
     found heads from a tiny text tower overlapping across tasks (e.g. "cat" in
     two tasks), which made merges conflict; these cannot.
     """
