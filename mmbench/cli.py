@@ -14,9 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .plugins import UsageError, load
+from .plugins import UsageError
+from .plugins import load as _load_registry
 
 DEFAULT_STORE = os.environ.get("MMBENCH_STORE", ".mmbench")
+
+
+def load():
+    """The plugin registry; the first time a registry is loaded, one ``mmbench: warning:`` line on
+    stderr per plugin entry point it skipped (import error, bad hook, bad or clashing name)."""
+    registry = _load_registry()
+    if not getattr(registry, "warned", False):
+        registry.warned = True
+        for line in registry.problems:
+            print(f"mmbench: warning: {line}", file=sys.stderr)
+    return registry
 
 
 def _device(name: str):
@@ -61,8 +73,6 @@ def cmd_plugins(args) -> int:
     rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description)
             for r in registry.all() if r.kind in ("attack", "merger", "defense", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
-    for name, why in sorted(registry.broken.items()):
-        print(f"broken entry point {name!r}: {why}")
     return 0
 
 
@@ -112,8 +122,6 @@ def cmd_run(args) -> int:
     from .store import Store
 
     registry = load()
-    for name, why in sorted(registry.broken.items()):
-        print(f"mmbench: warning: plugin {name!r} failed to load and is skipped: {why}", file=sys.stderr)
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     device = _device(args.device)
     if args.threads < 0 or args.jobs < 0:
@@ -222,12 +230,14 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _stored_results(registry, store, presets: list[str]) -> tuple[list[tuple], list[dict]]:
+def _stored_results(registry, store, presets: list[str],
+                    overrides: dict | None = None) -> tuple[list[tuple], list[dict]]:
     """(expected cells, stored results) of ``presets``, reading the store only. Expected: the
     installed cross product over each preset's declared seeds, as (preset, attack, merger,
     defense, seed). A stored result whose key is not the key its cell would have now (made
     with other parameters, plugin versions or preset content) comes back with status "stale";
-    the current keys are computed for the declared seeds and every seed the store holds."""
+    the current keys are computed for the declared seeds and every seed the store holds, with
+    ``overrides`` (``--set``) applied: results made with those settings are then the current ones."""
     import torch
 
     from .plan import Runner
@@ -236,7 +246,8 @@ def _stored_results(registry, store, presets: list[str]) -> tuple[list[tuple], l
     for name in presets:
         p = _preset(registry, name)
         stored = store.results(name)
-        runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", quiet=True, echo=lambda m: None)
+        runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", overrides=overrides or {},
+                        quiet=True, echo=lambda m: None)
         seeds = sorted(set(p.seeds) | {r["seed"] for r in stored if isinstance(r.get("seed"), int)})
         current = {c.id: runner.cell_key(c) for c in runner.cells(seeds=seeds)}
         expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in runner.cells()]
@@ -297,7 +308,9 @@ def cmd_findings(args) -> int:
     registry = load()
     store = Store(args.store)
     presets = _presets_to_show(args, store)
-    _, results = _stored_results(registry, store, presets)
+    from .plan import parse_overrides
+
+    _, results = _stored_results(registry, store, presets, parse_overrides(args.set or [], registry))
     reports = []
     for name in presets:
         mine = [r for r in results if r.get("preset") == name]
@@ -391,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(reproduced / not reproduced / inconclusive / not measured)")
     found.add_argument("--preset", default=None, help="default: every preset with stored results")
     found.add_argument("--store", default=DEFAULT_STORE)
+    found.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
+                       help="judge the results made with these settings (as given to run) instead of the "
+                            "preset's own")
     found.set_defaults(func=cmd_findings)
     return parser
 

@@ -8,8 +8,9 @@ declared as an entry point in the group ``mmbench`` of its distribution::
 
 Each hook receives ``register``: call it once per object you provide. The
 core owns the registries; names must be unique across all installed
-plugins (a clash is an error naming both distributions). The built-in
-plugins load through this same path.
+plugins, across kinds: a later package whose name clashes is skipped with one
+warning line naming both packages (docs/plugins.md, "What goes wrong"). The
+built-in plugins load through this same path, first.
 """
 import pluggy
 

@@ -148,3 +148,15 @@ def test_combined_verdicts():
     assert findings.combine([m, n])[0] == "not reproduced"      # one failed condition settles it
     assert findings.combine([m, r]) == ("not measured", "missing")
     assert findings.combine([r, i]) == ("inconclusive", "straddles")
+
+
+def test_cli_findings_judges_the_results_of_the_settings_given_with_set(store_copy, capsys):
+    """Results made with --set are stale against the preset's own settings, and current when
+    findings is given the same --set."""
+    assert main(["run", "--preset", "smoke", "--attack", "none", "--merger", "ta", "--defense", "none",
+                 "--seed", "0", "--set", "ta.lambda=0.9", "--store", str(store_copy), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["findings", "--preset", "smoke", "--store", str(store_copy)]) == 0
+    assert "0 ok cells" in capsys.readouterr().out
+    assert main(["findings", "--preset", "smoke", "--store", str(store_copy), "--set", "ta.lambda=0.9"]) == 0
+    assert "1 ok cells" in capsys.readouterr().out
