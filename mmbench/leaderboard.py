@@ -305,7 +305,7 @@ def _rankings(part: pd.DataFrame, preset: str, seeds: int) -> list[str]:
                   tab(pd.DataFrame({
                       "merger": attacks.merger, "rank": attacks["rank"], "attack": attacks.attack,
                       "ASR": attacks.asr.map(fmt_interval), "n": attacks.asr.map(lambda iv: iv.n),
-                      "Δ to next": [f"{fmt_interval(d, signed=True)} vs {n}" if n else ""
+                      "Δ to next": [f"{fmt_interval(d, signed=True)} vs {n}" if isinstance(n, str) and n else ""
                                     for d, n in zip(attacks.d_next, attacks.next)]})), ""]
     if not defenses.empty:
         lines += ["Defenses by DER, with ASR removed (ASR without − with the defense) and ACC lost (ACC "
