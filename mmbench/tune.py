@@ -151,8 +151,6 @@ class Tuner:
         return rows
 
     def attack(self, name: str, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from .context import RunContext
-
         rows = []
         for point in points:
             runner = self.runner(self.overrides(name, point))
@@ -160,17 +158,14 @@ class Tuner:
             per_seed = []
             for seed in self.seeds:
                 _, result = runner.attack(name, seed)
-                ctx = RunContext(self.shared, seed)
-                pre = ctx.pretrained()
-                backdoored = {k: pre[k] + v for k, v in result.task_vector.items()}
-                clean = ctx.clean_finetune(result.task)
-                per_seed.append({
-                    "seed": seed,
-                    "dev_acc": ctx.accuracy(backdoored, result.task, split="dev"),
-                    "dev_asr": ctx.attack_success_rate(backdoored, result.target_task, result.trigger,
-                                                       result.target_class, split="dev"),
-                    "clean_dev_acc": ctx.accuracy(clean, result.task, split="dev"),
-                })
+                # the attack stage already measured the backdoored model alone on the dev split
+                alone = result.info.get("standalone") or {}
+                if "dev_asr" not in alone:  # an attack artifact stored before these figures existed
+                    from .context import RunContext
+
+                    alone = runner.standalone(RunContext(self.shared, seed), result)
+                per_seed.append({"seed": seed, "dev_acc": alone["dev_acc"], "dev_asr": alone["dev_asr"],
+                                 "clean_dev_acc": self.finetuned_dev(seed)[result.task]})
             rows.append({"point": point, "per_seed": per_seed,
                          **{k: _mean([s[k] for s in per_seed]) for k in ("dev_acc", "dev_asr", "clean_dev_acc")}})
             self.echo(f"  {name} {json.dumps(point)}: dev ACC {100 * rows[-1]['dev_acc']:.1f} "
