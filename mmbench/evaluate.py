@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 import torch
 
 from .api import Trigger
+from .stats import wilson  # noqa: F401  (re-exported: evaluation reports Wilson intervals)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]   # images (N, C, H, W) -> logits (N, classes)
 
@@ -40,23 +41,6 @@ def asr_counts(triggered_preds: torch.Tensor, labels: torch.Tensor, target: int)
 def rate(k: int, n: int) -> float:
     """k / n, NaN when n is 0."""
     return k / n if n else math.nan
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (z = 1.96: 95 %); (nan, nan) for n = 0."""
-    if n == 0:
-        return math.nan, math.nan
-    if not 0 <= k <= n:
-        raise ValueError(f"k={k} outside [0, n={n}]")
-    p = k / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    # exact at the ends (k = 0: lo = 0, k = n: hi = 1), where rounding would leave the estimate outside
-    lo = 0.0 if k == 0 else min(p, max(0.0, centre - half))
-    hi = 1.0 if k == n else max(p, min(1.0, centre + half))
-    return lo, hi
 
 
 @dataclass

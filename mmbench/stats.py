@@ -113,15 +113,21 @@ def paired(a: Mapping, b: Mapping) -> Interval:
     return t_interval(paired_values(a, b).values())
 
 
-def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of the proportion k / n; (NaN, NaN) for n = 0."""
-    if not n:
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (z = 1.96: 95 %); (nan, nan) for n = 0."""
+    if n == 0:
         return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"k={k} outside [0, n={n}]")
     p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    z2 = z * z
+    denom = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    # exact at the ends (k = 0: lo = 0, k = n: hi = 1), where rounding would leave the estimate outside
+    lo = 0.0 if k == 0 else min(p, max(0.0, centre - half))
+    hi = 1.0 if k == n else max(p, min(1.0, centre + half))
+    return lo, hi
 
 
 def der(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:
