@@ -32,28 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import StateDict
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"not JSON-able in a stage key or result: {obj!r}")
-
-
-def stage_key(kind: str, params: Any, inputs: list[str] | tuple[str, ...] = (),
-              plugin: tuple[str, str] | None = None) -> str:
-    """sha256 of the canonical JSON of (kind, params, input keys, plugin name and version)."""
-    payload = {"kind": kind, "params": params, "inputs": list(inputs),
-               "plugin": list(plugin) if plugin else None}
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+from .keys import canonical_json, json_default as _json_default, stage_key  # noqa: F401  (re-exported)
 
 
 def sha256_file(path: Path) -> str:
