@@ -98,11 +98,53 @@ def is_hub_id(path: str) -> bool:
     return path not in BUILDERS and not os.path.exists(path) and not path.startswith((".", "/", "~"))
 
 
+def _local_files(args: dict[str, Any]) -> list[tuple[str, str]]:
+    """(what, path) of every local file or folder the source args name (globs and URLs left out)."""
+    out: list[tuple[str, str]] = []
+    path = str(args["path"])
+    local = path not in BUILDERS and not is_hub_id(path)
+    if local:
+        out.append(("dataset path", path))
+    base = os.path.expanduser(path) if local and os.path.isdir(os.path.expanduser(path)) else ""
+    if args.get("data_dir") and (local or path in BUILDERS):
+        out.append(("data_dir", os.path.join(base, str(args["data_dir"]))))
+    files = args.get("data_files")
+    entries = (list(files.values()) if isinstance(files, dict) else [files]) if files else []
+    for entry in entries:
+        for f in (entry if isinstance(entry, (list, tuple)) else [entry]):
+            if isinstance(f, str) and not re.search(r"[*?\[]|://", f):
+                out.append(("data file", os.path.join(base, f)))
+    return out
+
+
+def check_local_paths(spec: TaskSpec) -> None:
+    """A :class:`~mmbench.data.DataError` of one line when a local dataset path, data_dir or
+    data file of the task is missing or cannot be read (before ``datasets`` turns it into a
+    long error or a hub look-up)."""
+    for what, path in _local_files(_args(spec)):
+        full = os.path.expanduser(path)
+        try:
+            os.stat(full)
+        except FileNotFoundError:
+            raise DataError(f"task {spec.name!r}: {what} {path} does not exist") from None
+        except OSError:
+            pass  # a folder on the way that cannot be searched: said below
+        try:
+            if os.path.isdir(full):
+                os.listdir(full)
+            else:
+                with open(full, "rb") as f:
+                    f.read(1)
+        except OSError as exc:
+            raise DataError(f"task {spec.name!r}: {what} {path} cannot be read: {exc.strerror or exc}") from None
+
+
 def load_splits(spec: TaskSpec) -> dict[str, Any]:
     """The source's train and test splits as :class:`datasets.Dataset` (memory-mapped arrow)."""
     import datasets
 
     args = _args(spec)
+    check_local_paths(spec)
     cols = columns(spec)
     kwargs: dict[str, Any] = {"cache_dir": os.environ.get("MMBENCH_HF_CACHE") or None}
     for key in ("name", "data_files", "data_dir", "revision"):

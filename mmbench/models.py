@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
@@ -41,20 +42,65 @@ def _quiet_open_clip() -> None:
     logging.getLogger().addFilter(lambda record: "No pretrained weights loaded" not in record.getMessage())
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+def checkpoint_path(spec: ModelSpec) -> Path | None:
+    """The local checkpoint file that ``spec.pretrained`` names, checked: None for no
+    checkpoint or an open_clip tag; a :class:`~mmbench.plugins.UsageError` of one line when a
+    path (an existing name, or one that looks like a path) is missing, a folder or unreadable."""
+    from .plugins import UsageError
+
+    value = spec.pretrained
+    if not value:
+        return None
+    path = Path(os.path.expanduser(value))
+    where = f"model {spec.name!r}: checkpoint {value}"
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        if os.sep in value or value.startswith((".", "~")) or value.endswith(CHECKPOINT_SUFFIXES):
+            raise UsageError(f"{where} does not exist") from None
+        return None  # an open_clip tag such as 'openai'
+    except OSError as exc:  # a folder on the way that cannot be searched
+        raise UsageError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise UsageError(f"{where} is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise UsageError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    return path
+
+
 def create_clip(spec: ModelSpec, *, load_pretrained: bool = True) -> torch.nn.Module:
     """The whole open_clip model (image + text towers) on the CPU, in fp32.
 
     ``spec.pretrained`` may be an open_clip tag (needs the hub, paper presets) or a
-    local checkpoint file (loaded by open_clip with ``weights_only=True``).
+    local checkpoint file (loaded by open_clip with ``weights_only=True``). A local
+    checkpoint that is missing, unreadable or not loadable is a one-line
+    :class:`~mmbench.plugins.UsageError`, not a traceback.
     """
     import open_clip
+
+    from .plugins import UsageError
 
     _register_config(spec)
     if not _registered_filter:
         _quiet_open_clip()
         _registered_filter.append(True)
     pretrained = spec.pretrained if load_pretrained else None
-    model = open_clip.create_model(spec.name, pretrained=pretrained, weights_only=True)
+    local = checkpoint_path(spec) if pretrained else None
+    try:
+        model = open_clip.create_model(spec.name, pretrained=str(local) if local else pretrained,
+                                       weights_only=True)
+    except Exception as exc:
+        if local is None:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UsageError(f"model {spec.name!r}: checkpoint {spec.pretrained} cannot be loaded: "
+                         f"{type(exc).__name__}: {first}"[:500]) from None
     return model.float().eval()
 
 
