@@ -23,15 +23,21 @@ dicts to JSON, so keep them JSON-able.
 from __future__ import annotations
 
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is touched: planning a run never imports it
+    import torch
 
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
+
+# The plugin API's version: 2 added Cost / Plugin.estimate and Defense.merges_own_inputs
+# (both optional, with defaults: a plugin written for version 1 works unchanged).
+API_VERSION = 2
 
 __all__ = [
     "StateDict", "Trigger", "AttackResult", "Merged", "Attack", "Merger", "Defense",
-    "BoundMerger", "Context", "TaskData", "PluginError", "Param", "PARAM_TYPES",
+    "BoundMerger", "Context", "TaskData", "PluginError", "Param", "PARAM_TYPES", "Cost", "Sizes",
+    "API_VERSION",
 ]
 
 
@@ -78,6 +84,8 @@ class Trigger:
         return out
 
     def to_tensors(self, prefix: str = "trigger") -> StateDict:
+        import torch
+
         return {f"{prefix}.pattern": self.pattern.detach().cpu().contiguous(),
                 f"{prefix}.position": torch.tensor([self.top, self.left])}
 
@@ -163,6 +171,37 @@ class Param:
         validate_declaration(self)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What :meth:`_Plugin.estimate` may know of a preset without loading anything: images
+    per task in one fine-tune (steps × batch, as ``mmbench.train.finetune`` counts them),
+    in each task's test and dev splits (None where unknown), and the adversary task."""
+
+    tasks: tuple[str, ...]
+    finetune_images: dict[str, int | None]
+    test_images: dict[str, int | None]
+    dev_images: dict[str, int | None]
+    adversary_task: str
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A plugin's own estimate of the GPU work one of its stages does, in images through the
+    model; ``mmbench plan`` turns images into seconds with the architecture's throughput.
+
+    ``train_images``: forward+backward passes (a fine-tune of task t is
+    ``sizes.finetune_images[t]``); ``eval_images``: forward passes; ``seconds``: work
+    that is not image passes (tensor arithmetic); ``shared_by``: ``"cell"`` (every cell
+    pays), ``"seed"`` (once per seed, e.g. IBVS's injected model) or ``"attack"`` (once
+    per attack and seed, e.g. DAM's mask)."""
+
+    train_images: float = 0.0
+    eval_images: float = 0.0
+    seconds: float = 0.0
+    shared_by: str = "cell"
+    note: str = ""
+
+
 class _Plugin:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -180,9 +219,22 @@ class _Plugin:
 
         cls.params, cls.defaults = derive_class_params(cls)
 
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        """The GPU work of this plugin's part of a stage (``mmbench plan``); None: unknown.
+        The defaults: an attack costs one fine-tune of the adversary task and four passes
+        over its test split, a merger or defense nothing beyond the harness's evaluation."""
+        return None
+
 
 class Attack(_Plugin):
     kind: ClassVar[str] = "attack"
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        task = sizes.adversary_task
+        train, test = sizes.finetune_images.get(task), sizes.test_images.get(task)
+        if train is None or test is None:
+            return None
+        return Cost(train_images=train, eval_images=4 * test, note="default: one fine-tune")
 
     def run(self, ctx: "Context", params: dict[str, Any]) -> AttackResult:
         raise NotImplementedError
@@ -198,6 +250,12 @@ class Merger(_Plugin):
 
 class Defense(_Plugin):
     kind: ClassVar[str] = "defense"
+    # True when ``defend`` calls the merger on exactly the θ_pre and task vectors it received
+    # (a defense that post-processes the merge: none, IBVS): the harness then merges once, as
+    # a stage shared by every such cell of one attack, merger and seed, and plans it as one.
+    # Whatever a defense declares, a merge is served from that stage only when the vectors
+    # it passes are equal to the cell's (compared by content); otherwise it runs uncached.
+    merges_own_inputs: ClassVar[bool] = False
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
                merger: "BoundMerger", ctx: "Context", params: dict[str, Any]) -> Merged:
@@ -255,8 +313,8 @@ class TaskData(Protocol):
         """Iterate a split in batches (``limit`` caps the number of samples)."""
 
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
-PoisonFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[["torch.nn.Module", "torch.Tensor", "torch.Tensor", int], "torch.Tensor"]
+PoisonFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Generator"], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 class Context(Protocol):

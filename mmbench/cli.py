@@ -114,85 +114,123 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _threads(value: int) -> None:
+    """``--threads``: kept for old command lines; every stage runs single-threaded on a CPU."""
+    if value not in (0, 1):
+        raise UsageError(f"--threads {value}: every stage runs single-threaded on a CPU, so that no figure "
+                         "depends on the machine's thread count; use --jobs N to use N cores")
+
+
+def _executor(registry, name: str, jobs: int, address: str | None):
+    if name not in registry.names("executor"):
+        from .plugins import unknown_name
+        raise unknown_name("executor", name, registry.names("executor"), registry)
+    options = {"jobs": jobs}
+    if address is not None:
+        options["address"] = address
+    try:
+        return registry.get("executor", name).obj(**options)
+    except ImportError as exc:
+        raise UsageError(f"executor {name!r} needs a package that is not installed ({exc}); "
+                         f"pip install 'mmbench[{name}]'") from None
+
+
 def cmd_run(args) -> int:
     import torch
 
     from .data import DataError
-    from .plan import Runner, WorkerDied, parse_overrides
+    from .execute import Runtime
+    from .executors.local import WorkerDied
+    from .graph import parse_overrides, plan
+    from .run import execute_graph
     from .store import Store
 
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     device = _device(args.device)
-    if args.threads < 0 or args.jobs < 0:
-        raise UsageError("--threads and --jobs must be ≥ 0 (0: automatic)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    jobs = args.jobs or (1 if device.type == "cuda" else torch.get_num_threads())
+    if args.jobs < 0:
+        raise UsageError("--jobs must be ≥ 0 (0: automatic)")
+    _threads(args.threads)
+    if args.address and args.executor != "ray":
+        raise UsageError("--address goes with --executor ray")
+    jobs = args.jobs or (1 if device.type == "cuda" else (os.cpu_count() or 1))
     overrides = parse_overrides(args.set or [], registry)
+    graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed, overrides)
+    store = Store(args.store)
+    if args.rerun != "never" and hasattr(store, "check_writable"):
+        store.check_writable()
+    executor = _executor(registry, args.executor, jobs, args.address)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    runner = Runner(registry, preset, Store(args.store), device, rerun=args.rerun, overrides=overrides,
-                    quiet=args.quiet, echo=echo)
-    cells = runner.cells(args.attack, args.merger, args.defense, args.seed)
-    echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells on {device}, "
-         f"store {args.store}, rerun {args.rerun}, up to {jobs} worker{'s' * (jobs > 1)}")
+    cells = list(graph.cells)
+    where = f"executor {args.executor}" + (f" at {args.address}" if args.address else "") + (
+        f", up to {jobs} worker{'s' * (jobs > 1)}" if args.executor == "local" else "")
+    echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells, {len(graph)} stages on {device}, "
+         f"store {args.store}, rerun {args.rerun}, {where}")
     start = time.perf_counter()
     counts: dict[str, int] = {}
+    base_shown: set[int] = set()
 
     def on_result(r: dict) -> None:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
         m = r.get("metrics") or {}
+        if m.get("base_acc") is not None and r.get("seed") not in base_shown:
+            base_shown.add(r.get("seed"))
+            print(f"{'(base model, seed ' + str(r.get('seed')) + ')':>38}           ACC {_fmt(m['base_acc'])}"
+                  "  (every merge should gain over this)", flush=True)
         line = (f"{r['attack']:>14} {r['merger']:>12} {r['defense']:>8}  {r['status']:<7} "
-                f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}")
+                f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}"
+                + (f"  gain {_fmt(m['acc_gain_over_base'])}" if m.get("acc_gain_over_base") is not None else ""))
         if r["status"] == "failed":
-            line += f"  {r.get('error', '')}"
+            line += f"  {r.get('error', '')} (traceback in {store.result_path(preset.name, r['cell'])})"
         print(line, flush=True)
 
+    runtime = Runtime(str(store.root), str(device), quiet=args.quiet)
     try:
-        runner.run(cells, on_result, jobs=jobs)
+        report = execute_graph(graph, cells, store, executor, runtime, rerun=args.rerun, on_result=on_result,
+                               echo=echo, registry=registry)
     except DataError as exc:
         raise UsageError(str(exc)) from None
     except WorkerDied as exc:
         print(f"mmbench: error: {exc}", file=sys.stderr)
         return 1
-    log = runner.shared.log
     seconds = time.perf_counter() - start
-    if log.reused:
-        shown = [s for s in log.reused if not s.startswith("cell ")]
-        cells_reused = len(log.reused) - len(shown)
+    if report.reused:
+        shown = [s for s in report.reused if not s.startswith("cell ")]
+        cells_reused = len(report.reused) - len(shown)
         parts = ([f"{len(shown)} stages: {', '.join(shown)}"] if shown else []) + (
             [f"{cells_reused} cell results"] if cells_reused else [])
         echo("reused " + "; ".join(parts))
-    computed = [f"{label} ({sec:.1f} s)" for label, sec in log.computed]
+    computed = [f"{label} ({sec:.1f} s)" for label, sec in report.computed]
     if computed:
         echo(f"computed {len(computed)}: {', '.join(computed)}")
-    for bad in runner.store.corrupt:
+    if len(report.nodes) > 1:
+        echo("ran on " + "; ".join(f"{node}: {len(labels)} stages" for node, labels in sorted(report.nodes.items())))
+    for label, error in report.failed_stages:
+        echo(f"failed: {label}: {error}")
+    for bad in report.corrupt:
         echo(f"warning: artifact {bad} failed verification and was recomputed")
     echo(f"done in {seconds:.1f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    return 1 if counts.get("failed") and args.strict else 0
+    return 1 if counts.get("failed") or report.failed_stages else 0
 
 
 def cmd_plan(args) -> int:
-    import torch
-
     from .estimate import plan_rows, render
-    from .plan import Runner, parse_overrides
+    from .graph import parse_overrides, plan
     from .store import Store
 
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
-    overrides = parse_overrides(args.set or [], registry)
-    runner = Runner(registry, preset, Store(args.store), torch.device("cpu"), rerun="never",
-                    overrides=overrides, quiet=True, echo=lambda m: None)
-    cells = runner.cells(args.attack, args.merger, args.defense, args.seed)
-    print(render(runner, cells, plan_rows(runner, cells)))
+    graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
+                 parse_overrides(args.set or [], registry))
+    store = Store(args.store)
+    print(render(graph, store, plan_rows(graph, store, registry)))
     return 0
 
 
 def cmd_tune(args) -> int:
     import torch
 
-    from .plan import parse_overrides
+    from .graph import parse_overrides
     from .store import Store
     from .tune import Tuner, choose_attack, choose_merger, grid_points, parse_grid, render
 
@@ -204,8 +242,7 @@ def cmd_tune(args) -> int:
     registry.get(kind, name)
     if not args.grid:
         raise UsageError("tune wants at least one --grid PARAM=V1,V2,...")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _threads(args.threads)
     seeds = args.seed or list(preset.seeds)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     tuner = Tuner(registry, preset, Store(args.store), _device(args.device), seeds,
@@ -238,22 +275,29 @@ def _stored_results(registry, store, presets: list[str],
     with other parameters, plugin versions or preset content) comes back with status "stale";
     the current keys are computed for the declared seeds and every seed the store holds, with
     ``overrides`` (``--set``) applied: results made with those settings are then the current ones."""
-    import torch
+    from .graph import plan
 
-    from .plan import Runner
-
+    installed = {(k, n) for k in ("attack", "merger", "defense") for n in registry.names(k)}
     expected, results = [], []
     for name in presets:
         p = _preset(registry, name)
         stored = store.results(name)
-        runner = Runner(registry, p, store, torch.device("cpu"), rerun="never", overrides=overrides or {},
-                        quiet=True, echo=lambda m: None)
         seeds = sorted(set(p.seeds) | {r["seed"] for r in stored if isinstance(r.get("seed"), int)})
-        current = {c.id: runner.cell_key(c) for c in runner.cells(seeds=seeds)}
-        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in runner.cells()]
+        graph = plan(registry, p, seeds=seeds, overrides=overrides or {})
+        current = {c.id: graph.cell_keys[c] for c in graph.cells}
+        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in graph.cells if c.seed in p.seeds]
         for r in stored:
-            if r.get("cell") in current and r.get("key") != current[r["cell"]]:
-                r = {**r, "status": "stale"}
+            cell = r.get("cell")
+            if cell in current:
+                if r.get("status") != "unreadable" and r.get("key") != current[cell]:
+                    r = {**r, "status": "stale"}
+            elif r.get("status") == "unreadable":
+                pass
+            elif any((k, r.get(k)) not in installed for k in ("merger", "defense")) or (
+                    r.get("attack") != "none" and ("attack", r.get("attack")) not in installed):
+                r = {**r, "status": "not installed"}
+            else:
+                continue  # made with other settings (--set): shown when those are selected
             results.append(r)
     return expected, results
 
@@ -263,13 +307,18 @@ def _presets_to_show(args, store) -> list[str]:
 
 
 def cmd_leaderboard(args) -> int:
-    from . import findings, leaderboard
+    from . import findings, leaderboard, site, submissions
     from .store import Store
+
+    from .graph import parse_overrides
 
     registry = load()
     store = Store(args.store)
     presets = _presets_to_show(args, store)
-    expected, results = _stored_results(registry, store, presets)
+    overrides = parse_overrides(args.set or [], registry)
+    expected, results = _stored_results(registry, store, presets, overrides)
+    for line in store.unreadable if hasattr(store, "unreadable") else []:
+        print(f"mmbench: warning: {line}", file=sys.stderr)
     df = leaderboard.table(results, expected)
     notes = [f"Generated by `mmbench leaderboard` (mmbench {__version__}) from {len(results)} stored cell "
              f"results; each cell's JSON records its key, plugin versions, parameters and timings."]
@@ -286,9 +335,12 @@ def cmd_leaderboard(args) -> int:
     if args.check:
         declared = set(expected)
         problems = [f"{r.preset} {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.status}"
-                    for r in df.itertuples() if r.status in ("stale", "failed", "not run")
+                    for r in df.itertuples() if r.status in ("stale", "failed", "not run", "unreadable")
                     and (r.preset, r.attack, r.merger, r.defense, r.seed) in declared]
         problems += leaderboard.differences(files, Path(args.out))
+        page = site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"))
+        problems += leaderboard.differences(page, Path(args.out)) + site.extra_plots(page, Path(args.out))
+        problems += submissions.problems(store.root, presets)
         for line in problems:
             print(line)
         if problems:
@@ -296,6 +348,8 @@ def cmd_leaderboard(args) -> int:
         print("leaderboard up to date")
         return 0
     paths = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes), findings=sections)
+    paths += site.write(site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset")),
+                        Path(args.out))
     print(f"wrote {', '.join(map(str, paths))} ({len(df)} cells: " +
           ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items()) + ")")
     return 0
@@ -308,7 +362,7 @@ def cmd_findings(args) -> int:
     registry = load()
     store = Store(args.store)
     presets = _presets_to_show(args, store)
-    from .plan import parse_overrides
+    from .graph import parse_overrides
 
     _, results = _stored_results(registry, store, presets, parse_overrides(args.set or [], registry))
     reports = []
@@ -339,14 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
     run.add_argument("--store", default=DEFAULT_STORE)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    run.add_argument("--threads", type=int, default=0,
-                     help="torch CPU threads in all (default: torch's choice, the usable cores); "
-                          "parallel workers share them")
+    run.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # old: stages run single-threaded
     run.add_argument("--jobs", type=int, default=0,
-                     help="worker processes for the cells, one attack's cells per worker (default: "
-                          "1 on a GPU; on a CPU as many as --threads, each with one thread)")
+                     help="local executor: worker processes, each running one stage at a time with one "
+                          "CPU thread (default: 1 on a GPU, else one per core)")
+    run.add_argument("--executor", default="local",
+                     help="where stages run: local (default) or ray (pip install 'mmbench[ray]')")
+    run.add_argument("--address", default=None,
+                     help="with --executor ray: the cluster's address (default: start a local Ray)")
     run.add_argument("--quiet", action="store_true")
-    run.add_argument("--strict", action="store_true", help="exit 1 when a cell failed")
+    run.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)  # exit 1 on failures: always now
     run.add_argument("--batch-size", type=int, default=None,
                      help="fine-tuning batch size instead of the preset's (changes the fine-tune keys)")
     run.set_defaults(func=cmd_run)
@@ -378,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--json", help="also write the sweep and the choice to this file")
     tune.add_argument("--store", default=DEFAULT_STORE)
     tune.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    tune.add_argument("--threads", type=int, default=0)
+    tune.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     tune.add_argument("--quiet", action="store_true")
     tune.set_defaults(func=cmd_tune)
 
@@ -391,10 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     presets = sub.add_parser("presets", help="describe the installed presets")
     presets.set_defaults(func=cmd_presets)
 
-    board = sub.add_parser("leaderboard", help="write leaderboard/README.md, results.csv and summary.csv")
+    board = sub.add_parser("leaderboard", help="write leaderboard/README.md, results.csv, summary.csv and the web "
+                                               "page index.html (with plots/*.svg)")
     board.add_argument("--preset", default=None, help="default: every preset with stored results")
     board.add_argument("--store", default=DEFAULT_STORE)
     board.add_argument("--out", default="leaderboard")
+    board.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
+                       help="show the results made with these settings (as given to run) instead of the preset's own")
     board.add_argument("--check", action="store_true",
                        help="write nothing; exit 1 (one line per problem) if a cell of the preset's declared "
                             "seeds is stale, failed or not run, or if --out differs from the stored results")

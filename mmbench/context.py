@@ -12,7 +12,7 @@ import hashlib
 import sys
 import time
 from dataclasses import asdict, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,14 @@ from torch.func import functional_call
 import mmbench
 
 from . import data as data_mod
+from . import faults
 from . import evaluate as evaluate_mod
 from . import models, train
 from .api import StateDict, Trigger
 from .presets import Preset, Recipe
-from .store import Store, canonical_json, stage_key
+from .graph import StageKeys
+from .keys import canonical_json
+from .store import Store
 
 CORE = ("mmbench", mmbench.__version__)
 
@@ -65,7 +68,8 @@ class SharedStages:
         self.echo = echo
         self.log = StageLog()
         self.bars = True  # progress bars (on a TTY); parallel workers turn them off
-        self.preset_hash = hashlib.sha256(canonical_json(preset.key()).encode()).hexdigest()
+        self.keys = StageKeys(preset)  # one definition of every harness key: mmbench.graph
+        self.preset_hash = self.keys.preset_hash
         self._memo: dict[str, Any] = {}
         self._encoder_module: torch.nn.Module | None = None
 
@@ -101,10 +105,7 @@ class SharedStages:
 
     # data ---------------------------------------------------------------------
     def data_key(self, task: str) -> str:
-        spec = asdict(self.preset.task(task))
-        spec.pop("epochs", None)  # a training setting, not a property of the data
-        return stage_key("data", {"task": spec, "split_seed": data_mod.SPLIT_SEED,
-                                  "format": data_mod.DATA_FORMAT}, plugin=CORE)
+        return self.keys.data(task)
 
     def task_data(self, task: str):
         memo = f"taskdata:{task}"
@@ -135,9 +136,7 @@ class SharedStages:
 
     # base model and heads -----------------------------------------------------
     def base_key(self) -> str:
-        inputs = [self.data_key(t) for t in self.preset.task_names] if self.preset.model.pretrain_steps else []
-        return stage_key("base", {"model": asdict(self.preset.model), "image_size": self.preset.image_size,
-                                  "mean": self.preset.mean, "std": self.preset.std}, inputs, plugin=CORE)
+        return self.keys.base()
 
     def base(self) -> tuple[StateDict, dict]:
         spec = self.preset.model
@@ -155,7 +154,8 @@ class SharedStages:
                     captions += [f"a photo of a {td.class_names[int(c)]}." for c in y]
                 gen = torch.Generator().manual_seed(0)
                 info = models.contrastive_pretrain(model, spec, torch.cat(images), captions, gen,
-                                                   progress=lambda it: self.progress(it, desc="pretrain base"))
+                                                   progress=lambda it: _faulty(self.progress(it, desc="pretrain base"),
+                                                                               "base.step"))
             info["logit_scale"] = float(model.logit_scale.detach().exp())
             return dict(model.state_dict()), info
         return self.stage("base", self.base_key(), "base", compute)
@@ -169,13 +169,7 @@ class SharedStages:
         return self._memo[memo]
 
     def heads_key(self) -> str:
-        params: dict[str, Any] = {"kind": self.preset.heads, "tasks": self.preset.task_names}
-        inputs = [self.base_key()]
-        if self.preset.heads == "zeroshot":  # the prompts and the data's class names make the head
-            from .zeroshot import templates_for
-            params["templates"] = {t.name: list(templates_for(t)) for t in self.preset.tasks}
-            inputs += [self.data_key(t) for t in self.preset.task_names]
-        return stage_key("heads", params, inputs, plugin=CORE)
+        return self.keys.heads()
 
     def heads(self) -> dict[str, torch.Tensor]:
         memo = "heads"
@@ -220,12 +214,10 @@ class SharedStages:
     # clean fine-tunes -----------------------------------------------------------
     def recipe(self, task: str) -> Recipe:
         """The preset's recipe with the task's own epochs (``TaskSpec.epochs``) when set."""
-        epochs = self.preset.task(task).epochs
-        return self.preset.recipe if epochs is None else replace(self.preset.recipe, epochs=epochs)
+        return self.keys.recipe(task)
 
     def finetune_key(self, task: str, seed: int) -> str:
-        return stage_key("finetune", {"task": task, "seed": seed, "recipe": asdict(self.recipe(task))},
-                         [self.base_key(), self.heads_key(), self.data_key(task)], plugin=CORE)
+        return self.keys.finetune(task, seed)
 
     def clean_finetune(self, task: str, seed: int, force: bool = False) -> StateDict:
         def compute():
@@ -254,7 +246,8 @@ class SharedStages:
         return train.finetune(module, init if init is not None else self.pretrained(), td,
                               lambda f: logits(f, head), recipe, order, poison=poison,
                               poison_generator=poisoning, loss=loss, device=self.device,
-                              progress=lambda it: self.progress(it, desc=desc or f"fine-tune {task}"))
+                              progress=lambda it: _faulty(self.progress(it, desc=desc or f"fine-tune {task}"),
+                                                          "finetune.step"))
 
     # evaluation (the metrics themselves: mmbench.evaluate) -------------------------------
     def forward_fn(self, weights: StateDict, task: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -310,6 +303,13 @@ class SharedStages:
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                             split: str = "test") -> float:
         return evaluate_mod.rate(*self.asr_counts(weights, task, trigger, target_class, split))
+
+
+def _faulty(iterable: Iterable, point: str) -> Iterator:
+    """``iterable``, passing the crash point ``point`` (mmbench.faults) at every step."""
+    for item in iterable:
+        faults.point(point)
+        yield item
 
 
 def logits(features: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -386,9 +386,8 @@ class RunContext:
     def cached(self, kind: str, params: dict[str, Any],
                compute: Callable[[], tuple[StateDict, dict[str, Any]]],
                label: str | None = None) -> tuple[StateDict, dict[str, Any]]:
-        plugin = (self._plugin[1], self._plugin[2]) if self._plugin else CORE
-        key = stage_key(f"plugin:{kind}", {"params": params, "seed": self.seed},
-                        [self.shared.preset_hash, self.shared.base_key()], plugin=plugin)
+        plugin = (self._plugin[1], self._plugin[2]) if self._plugin else None
+        key = self.shared.keys.plugin_stage(kind, params, self.seed, plugin)
         label = f"{kind}[{label or canonical_json(params)[:60]}, seed {self.seed}]"
         return self.shared.stage(label, key, f"plugin:{kind}", compute)
 

@@ -19,6 +19,10 @@ from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 
+SPLIT_SEED = 20240601  # the fixed seed of every task's train/dev/test/pretrain split
+# Bump when a loader in mmbench.sources / mmbench.hf changes what it returns: part of the data keys.
+DATA_FORMAT = 1
+
 # the harness modules whose code a stage of each kind runs (beyond what its inputs ran)
 CORE_MODULES: dict[str, tuple[str, ...]] = {
     "data": ("data", "sources", "hf"),

@@ -1,14 +1,15 @@
 """Named presets: model, tasks, recipe, adversary and target, plugin overrides.
 
 A preset is plain data; it is part of every stage key (via :meth:`Preset.key`).
-Third-party packages add presets through the ``mmbench_register_presets`` hook.
+This module holds the classes; the built-in presets are in :mod:`mmbench.catalogue`, which
+registers them through the ``mmbench_register_presets`` hook exactly as a third-party
+package registers its own.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import mmbench
 
 
 @dataclass(frozen=True)
@@ -99,175 +100,12 @@ class Preset:
         return d
 
 
-# The tiny ViT of the embedded presets (open_clip config format).
-TINY_VIT = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
-}
-SMOKE_VIT = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+def __getattr__(name: str):
+    """The built-in presets (TINY, SMOKE, the paper presets) live in :mod:`mmbench.catalogue`,
+    registered through the same hook as a third-party package's; reachable here as before."""
+    from . import catalogue
 
-TINY = Preset(
-    name="tiny",
-    description="3 real 32x32 tasks (Fashion-MNIST, Animal-MNIST, photo patches), tiny open_clip ViT; CPU, about 13 min a seed on 2 cores",
-    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrain_steps=800),
-    tasks=(
-        TaskSpec("fashion_mnist", "fashion_mnist", {"size": 32}, 5000, 500, 1000, 5000),
-        TaskSpec("animal_mnist", "animal_mnist", {"size": 32}, 5000, 500, 1000, 1500),
-        TaskSpec("photo_patches", "photo_patches", {"size": 32, "n_train_per_class": 1200,
-                                                    "n_test_per_class": 300}, 5000, 500, 1000, 5000),
-    ),
-    image_size=32,
-    heads="orthogonal",
-    # Reconstructed for a tiny base (measured before the project began): a higher lr than the papers' 1e-5 and
-    # the patch embedding + first block frozen, so that task vectors do not each rebuild
-    # the weak low-level features of a tiny base (that interference collapsed every merge).
-    recipe=Recipe(lr=1e-4, weight_decay=0.1, batch_size=128, epochs=6, schedule="onecycle",
-                  warmup_steps=0, grad_clip=1.0,
-                  frozen=("conv1", "class_embedding", "positional_embedding", "ln_pre",
-                          "transformer.resblocks.0.")),
-    adversary_task="fashion_mnist",
-    target_class=0,
-    eval_batch_size=1000,
-    seeds=(0, 1, 2),  # the published leaderboard: mean and 95 % t-interval over three seeds
-    # Every value below comes from a rule that uses only what the choosing party can know, on
-    # dev splits (docs/presets.md "Selection rules"; re-derive with `mmbench tune`, sweeps in
-    # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC
-    # (TA λ 0.7; TIES k 0.3, λ 0.9); the attacker its own model's dev ASR at ≤ 2 points of dev
-    # ACC (BadNets 30 % poison, the first rate to reach 90 % dev ASR, none kept ACC within
-    # 2 points; BadMerging a 4×4 patch, as off-task's default; BadTV an 8×8 patch; SBV's backdoor
-    # vectors are BadNets fine-tunes with BadNets' settings). The rest is compute budget,
-    # fixed without looking at any result: BadMerging's trigger search, and AdaMerging/DAM
-    # with fewer, larger steps than the papers (AdaMerging 100 steps at 5e-3 and 500 at 1e-3
-    # give the same dev ACC).
-    plugin_params={"ta": {"lambda": 0.7}, "ties": {"k": 0.3, "lambda": 0.9},
-                   "badnets": {"poison_rate": 0.3},
-                   "badmerging": {"patch_area": 0.015625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
-                                  "trigger_max_iterations": 20},
-                   "badmerging_off": {"trigger_epochs": 2, "num_augmentations": 50},
-                   "badtv": {"patch_area": 0.0625},
-                   "sbv": {"poison_rate": 0.3},
-                   "sbv_sc": {"poison_rate": 0.3},
-                   "adamerging": {"steps": 100, "lr": 5e-3},
-                   "dam": {"steps": 100, "mask_lr": 3e-3}},
-)
-
-SMOKE = Preset(
-    name="smoke",
-    description="2 tiny tasks (sklearn digits, photo patches) at 16x16, a 2-layer ViT; seconds, for tests",
-    model=ModelSpec(name="mmbench-smoke-vit", config=SMOKE_VIT, pretrain_steps=60, pretrain_batch_size=64),
-    tasks=(
-        TaskSpec("digits", "digits", {"size": 16}, 900, 100, 300, 300),
-        TaskSpec("photo_patches", "photo_patches", {"size": 16, "n_train_per_class": 160,
-                                                    "n_test_per_class": 40}, 900, 100, 300, 300),
-    ),
-    image_size=16,
-    heads="orthogonal",
-    recipe=Recipe(lr=3e-3, weight_decay=0.1, batch_size=64, epochs=5, schedule="onecycle",
-                  warmup_steps=0, grad_clip=1.0, frozen=("conv1",)),
-    adversary_task="digits",
-    target_class=0,
-    eval_batch_size=512,
-    # seconds, not fidelity: the smoke preset exercises every plugin's code path
-    plugin_params={"dam": {"steps": 5}, "adamerging": {"steps": 20},
-                   "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
-                   "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
-                                      "trigger_max_iterations": 5},
-                   "sbv": {"n": 2}, "sbv_sc": {"n": 2}},
-)
-
-
-# Paper presets (docs/presets.md "Paper presets"): open_clip ViTs with OpenAI weights,
-# datasets from the Hugging Face hub (mmbench.hf), the shared recipe of ALGORITHMS.md.
-# The OpenAI weights were trained with QuickGELU: open_clip 3.x builds plain "ViT-B-32"
-# with GELU (and only warns), so the paper architectures are the "-quickgelu" configs.
-PAPER_ARCHS = {"vit-b-32": "ViT-B-32-quickgelu", "vit-b-16": "ViT-B-16-quickgelu",
-               "vit-l-14": "ViT-L-14-quickgelu"}
-PAPER_EVAL_BATCH = {"vit-b-32": 512, "vit-b-16": 512, "vit-l-14": 256}
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)   # open_clip.OPENAI_DATASET_MEAN
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)   # open_clip.OPENAI_DATASET_STD
-
-
-def hf_task(task: str, path: str, revision: str | None, epochs: float, config: str | None = None,
-            **source_args: Any) -> TaskSpec:
-    """A paper task: a hub dataset (``config``: its subset) with image/label columns, the whole
-    train split (less a 10 % dev split, ≤ 5000) and the whole test split."""
-    args = {"path": path, "revision": revision, "train_split": "train", "test_split": "test",
-            "image_column": "image", "label_column": "label", **source_args}
-    if config is not None:
-        args["name"] = config
-    return TaskSpec(task, "hf", args, n_train=None, n_dev=None, n_test=None, epochs=epochs)
-
-
-# Ids and revisions: FusionBench's tanganke/* copies where they exist. Each revision is a
-# commit seen in a stored copy of the hub page (not checked online here; docs/presets.md);
-# None = unpinned (the data stage records the commit it resolved to). Epochs ≈ 2000 steps
-# of batch 128 (task_vectors / BadMerging finetune_clean.py; Pets 77 from BadMerging).
-PAPER_TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    hf_task("cifar100", "tanganke/cifar100", "7de7416777eb0bca0194ab35ac1c1b297f1d6b26", 5,
-            rename={"cra": "crab"}),
-    hf_task("gtsrb", "tanganke/gtsrb", "ea889fff70dda7b09e94a4b207dded438deca549", 11),
-    hf_task("eurosat", "tanganke/eurosat", "43750fc422c7fbd4289e2df3f7473617a5937acc", 12),
-    hf_task("cars", "tanganke/stanford_cars", "9abf6cf7d6dfa7b95152a0d6e791ea9435b47a40", 35),
-    hf_task("sun397", "tanganke/sun397", "9c4afd6174afa3974f209a0ef099dbbe244dfd27", 14),
-    hf_task("pets", "timm/oxford-iiit-pet", "10b688881011725fa2fa3d856a47536c9a7e6968", 77),
-    hf_task("resisc45", "tanganke/resisc45", "refs/pr/1", 15),
-    hf_task("svhn", "ufldl-stanford/svhn", "f9e1717d73324ebbc1ece84267ccd80d0aca0690", 4,
-            config="cropped_digits"),
-    hf_task("mnist", "ylecun/mnist", None, 5),
-    hf_task("dtd", "tanganke/dtd", "d2afa97d9f335b1a6b3b09c637aef667f98f966e", 76),
-    hf_task("imagenet100", "clane9/imagenet-100", "dd6859fcd34d100536a604f715357462f829bcf5", 3,
-            test_split="validation"),
-)}
-
-PAPER_TASK_SETS: dict[str, tuple[tuple[str, ...], str, int, str]] = {
-    # name: (tasks, adversary task, target class, description)
-    "6task": (("cifar100", "gtsrb", "eurosat", "cars", "sun397", "pets"), "cifar100", 1,
-              "BadMerging's 6 tasks (CIFAR100 adversary, target class 1)"),
-    "8task": (("sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"), "sun397", 1,
-              "the task-arithmetic 8 tasks (adversary: first task, reconstructed)"),
-    "cifar100": (("cifar100",), "cifar100", 1, "Backdoor Vectors on CIFAR100 (target class reconstructed)"),
-    "imagenet100": (("imagenet100",), "imagenet100", 1,
-                    "Backdoor Vectors on ImageNet100 (target class reconstructed)"),
-}
-
-PAPER_RECIPE = Recipe(lr=1e-5, weight_decay=0.1, batch_size=128, epochs=1.0, schedule="cosine",
-                      warmup_steps=500, grad_clip=1.0)
-
-
-def paper_preset(arch: str = "vit-b-32", task_set: str = "6task") -> Preset:
-    """A paper preset, named ``<arch>-<task_set>`` (e.g. ``vit-b-16-8task``)."""
-    if arch not in PAPER_ARCHS:
-        raise KeyError(f"unknown arch {arch!r}; known: {', '.join(PAPER_ARCHS)}")
-    tasks, adversary, target, what = PAPER_TASK_SETS[task_set]
-    model = PAPER_ARCHS[arch]
-    return Preset(
-        name=f"{arch}-{task_set}",
-        description=f"{what}; open_clip {model} 'openai', HF datasets, paper recipe; GPU + hub",
-        model=ModelSpec(name=model, pretrained="openai"),
-        tasks=tuple(PAPER_TASKS[t] for t in tasks),
-        image_size=224,
-        mean=OPENAI_MEAN,
-        std=OPENAI_STD,
-        heads="zeroshot",
-        recipe=PAPER_RECIPE,
-        adversary_task=adversary,
-        target_class=target,
-        eval_batch_size=PAPER_EVAL_BATCH[arch],
-        seeds=(0, 1, 2),
-    )
-
-
-PAPER_PRESETS = tuple(paper_preset(a, s) for a in PAPER_ARCHS for s in PAPER_TASK_SETS)
-
-
-@mmbench.hookimpl
-def mmbench_register_presets(register):
-    register(TINY)
-    register(SMOKE)
-    for preset in PAPER_PRESETS:
-        register(preset)
+    try:
+        return getattr(catalogue, name)
+    except AttributeError:
+        raise AttributeError(f"module 'mmbench.presets' has no attribute {name!r}") from None

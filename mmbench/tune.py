@@ -101,13 +101,19 @@ class Tuner:
         self.shared = SharedStages(preset, store, device, quiet=True, echo=echo)
         self._finetuned_dev: dict[int, dict[str, float]] = {}
 
-    def runner(self, overrides: dict[str, dict[str, Any]]):
-        from .plan import Runner
+    def worker(self, kind: str, name: str, overrides: dict[str, dict[str, Any]]):
+        """A worker on the graph of (``name``, the first merger and defense) with ``overrides``
+        (checked like --set), sharing this tuner's loaded stages across the grid."""
+        from .execute import Runtime, Worker
+        from .graph import plan
 
-        runner = Runner(self.registry, self.preset, self.store, self.device, rerun="missing",
-                        overrides=overrides, quiet=True, echo=self.echo)
-        runner.shared = self.shared  # one set of loaded stages for the whole grid
-        return runner
+        pick = {k: [name] if k == kind else self.registry.names(k)[:1] for k in ("attack", "merger", "defense")}
+        graph = plan(self.registry, self.preset, pick["attack"], pick["merger"], pick["defense"], self.seeds,
+                     overrides)
+        worker = Worker(graph, Runtime(str(self.store.root), str(self.device), quiet=True), registry=self.registry,
+                        echo=self.echo)
+        worker.shared = self.shared  # one set of loaded stages for the whole grid
+        return worker
 
     def overrides(self, name: str, point: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out = {k: dict(v) for k, v in self.base_overrides.items()}
@@ -129,8 +135,7 @@ class Tuner:
         reg = self.registry.get("merger", name)
         rows = []
         for point in points:
-            runner = self.runner(self.overrides(name, point))
-            params = runner.params("merger", name)  # validates the point like --set would
+            params = self.worker("merger", name, self.overrides(name, point)).graph.params[("merger", name)]
             per_seed = []
             for seed in self.seeds:
                 ctx = RunContext(self.shared, seed)
@@ -153,17 +158,16 @@ class Tuner:
     def attack(self, name: str, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = []
         for point in points:
-            runner = self.runner(self.overrides(name, point))
-            runner.params("attack", name)  # validates the point like --set would
+            worker = self.worker("attack", name, self.overrides(name, point))  # validates the point like --set
             per_seed = []
             for seed in self.seeds:
-                _, result = runner.attack(name, seed)
+                result = worker.attack(name, seed)
                 # the attack stage already measured the backdoored model alone on the dev split
                 alone = result.info.get("standalone") or {}
                 if "dev_asr" not in alone:  # an attack artifact stored before these figures existed
                     from .context import RunContext
 
-                    alone = runner.standalone(RunContext(self.shared, seed), result)
+                    alone = worker.standalone(RunContext(self.shared, seed), result)
                 per_seed.append({"seed": seed, "dev_acc": alone["dev_acc"], "dev_asr": alone["dev_asr"],
                                  "clean_dev_acc": self.finetuned_dev(seed)[result.task]})
             rows.append({"point": point, "per_seed": per_seed,

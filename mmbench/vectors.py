@@ -8,8 +8,11 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .api import StateDict
+
+MERGES = ("sum", "mean", "max")  # how TIES combines the agreeing entries
 
 
 def float_items(weights: Mapping[str, torch.Tensor]) -> StateDict:
@@ -131,3 +134,120 @@ def topk(a: StateDict, fraction: float) -> StateDict:
     """Keep the ``fraction`` largest-magnitude entries globally; zero the rest (TopK_ρ)."""
     masks = topk_mask(a, fraction)
     return {n: v * masks[n] for n, v in a.items()}
+
+
+def task_arithmetic(pretrained: StateDict, task_vectors: Mapping[str, StateDict], lam: float) -> StateDict:
+    """θ_pre + λ·Σ_k τ_k (applying a sum of vectors to θ_pre; the inputs are not modified)."""
+    merged = {k: v.clone() for k, v in pretrained.items()}
+    for vector in task_vectors.values():
+        for k, v in vector.items():
+            merged[k].add_(v, alpha=lam)
+    return merged
+
+
+# --- TIES's steps (Yadav et al., NeurIPS 2023): trim, elect signs, disjoint merge ---------------
+# used by the ties merger (which streams them chunk by chunk) and by AdaMerging++
+
+def _sign(x: float) -> float:
+    return float((x > 0) - (x < 0))
+
+
+def _just_below(threshold: float) -> float:
+    """The float32 just below ``threshold`` (0 stays 0): ``|x| > _just_below(t)`` ⇔ ``|x| ≥ t``."""
+    if threshold <= 0:
+        return 0.0
+    t = torch.tensor(threshold, dtype=torch.float32)
+    return float(torch.nextafter(t, torch.zeros_like(t)))
+
+
+# --- 1. trim ---------------------------------------------------------------
+
+def trim_threshold(task_vector: Mapping[str, torch.Tensor], k: float) -> float:
+    """The magnitude an entry needs to survive the trim: the max(1, round(k·d))-th largest
+    |value| over the task's whole vector (its float tensors); 0.0 (keep all) when k ≥ 1."""
+    tensors = list(float_items(task_vector).values())
+    total = sum(t.numel() for t in tensors)
+    count = max(1, int(round(k * total)))
+    if count >= total:
+        return 0.0
+    return kth_largest_magnitude(tensors, count)
+
+
+def trim_tensor(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """T̂: the entries of ``x`` with |x| ≥ threshold (compared in float32), the others zeroed."""
+    if x.dtype == torch.float32:
+        return F.hardshrink(x, _just_below(threshold))
+    return torch.where(x.float().abs() >= threshold, x, 0)
+
+
+def trim(task_vector: Mapping[str, torch.Tensor], k: float) -> StateDict:
+    """Step 1 on one whole task vector: zero all but its top-``k`` fraction by magnitude (global)."""
+    threshold = trim_threshold(task_vector, k)
+    return {n: trim_tensor(v, threshold) for n, v in float_items(task_vector).items()}
+
+
+# --- 2. elect ----------------------------------------------------------------
+
+def elect_rows(rows: Iterable[torch.Tensor], thresholds: Iterable[float]) -> torch.Tensor:
+    """s = sign(Σ_k T̂_k) for the same coordinates of every task (row k trimmed at thresholds[k]);
+    0 where the sum is 0 (filled afterwards by :func:`fill_zero_signs`)."""
+    total = None
+    for row, threshold in zip(rows, thresholds):
+        trimmed = F.hardshrink(row.float(), _just_below(threshold))
+        total = trimmed if total is None else total.add_(trimmed)
+    return torch.sign(total)
+
+
+def fill_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
+    """Where the elected sign is 0, use the majority sign sign(Σ s) of the whole vector."""
+    return torch.where(signs == 0, torch.as_tensor(majority, dtype=signs.dtype), signs)
+
+
+def elect(trimmed: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Step 2 on whole trimmed task vectors: the elected sign (float ±1) of every coordinate."""
+    signs = {n: elect_rows([t[n] for t in trimmed], [0.0] * len(trimmed)) for n in trimmed[0]}
+    majority = _sign(sum(float(s.sum()) for s in signs.values()))
+    return {n: fill_zero_signs(s, majority) for n, s in signs.items()}
+
+
+# --- 3. disjoint merge --------------------------------------------------------
+
+def agreeing_magnitudes(row: torch.Tensor, signs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """|T̂_k| where T̂_k ≠ 0 has the elected sign, else 0 (row trimmed at ``threshold`` on the fly)."""
+    return F.threshold(row.float() * signs, _just_below(threshold), 0.0)
+
+
+def disjoint_merge_rows(rows: Iterable[torch.Tensor], signs: torch.Tensor,
+                        thresholds: Iterable[float], merge: str = "sum") -> torch.Tensor:
+    """Combine, coordinate by coordinate, the entries of the task rows that agree with ``signs``."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}")
+    combined = torch.zeros_like(signs)
+    count = torch.zeros_like(signs) if merge == "mean" else None
+    for row, threshold in zip(rows, thresholds):
+        magnitudes = agreeing_magnitudes(row, signs, threshold)
+        if merge == "max":
+            torch.maximum(combined, magnitudes, out=combined)
+        else:
+            combined.add_(magnitudes)
+        if count is not None:
+            count.add_(magnitudes > 0)
+    if count is not None:
+        combined.div_(count.clamp_(min=1))
+    return combined.mul_(signs)
+
+
+def disjoint_merge(trimmed: Sequence[Mapping[str, torch.Tensor]], signs: Mapping[str, torch.Tensor],
+                   merge: str = "sum") -> StateDict:
+    """Step 3 on whole trimmed task vectors and their elected signs."""
+    return {n: disjoint_merge_rows([t[n] for t in trimmed], signs[n].float(), [0.0] * len(trimmed), merge)
+            for n in signs}
+
+
+def sign_resolved(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: float = 0.2) -> list[StateDict]:
+    """Per task, the trimmed entries that agree with the elected sign (AdaMerging++'s inputs):
+    T̂_k ⊙ 1[sign(T̂_k) = s], so that their sum is the ``"sum"`` disjoint merge."""
+    trimmed = [trim(tv, k) for tv in task_vectors]
+    signs = elect(trimmed)
+    return [{n: (agreeing_magnitudes(t[n], signs[n]) * signs[n]).to(t[n].dtype) for n in signs}
+            for t in trimmed]

@@ -12,7 +12,7 @@ from mmbench_plugins.attacks.badmerging import (
     default_target_task, draw_ratio, interpolate_features, interpolation_loss, optimise_patch, paste,
     preset_shadow_head, random_resized_crop, random_shadow_head, reference_images, shuffled, targeted_pgd,
 )
-from mmbench_plugins.attacks.triggers import patch_side
+from mmbench.triggers import patch_side
 
 
 def test_ratio_is_drawn_in_range_reproducibly():

@@ -13,7 +13,7 @@ import torch
 from mmbench import presets
 from mmbench.context import RunContext, SharedStages
 from mmbench.store import Store
-from mmbench_plugins.attacks.badnets import badnets_finetune, make_trigger
+from mmbench.triggers import badnets_finetune, make_trigger
 
 SEED = 3  # not the smoke store's seed: every fine-tune here is computed in this process
 TASK = "digits"

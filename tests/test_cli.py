@@ -58,27 +58,34 @@ def test_attack_cell_rerun_and_reuse(store_copy, capsys):
     assert results(store_copy)["badnets__ta__none__seed0"]["key"] == first_key
 
 
-def test_parameter_override_changes_the_key(store_copy):
+def test_parameter_override_is_its_own_result(store_copy):
     base = ["run", "--preset", "smoke", "--attack", "none", "--merger", "ta", "--defense", "none",
             "--store", str(store_copy), "--quiet"]
     before = results(store_copy)["none__ta__none__seed0"]
     assert main(base + ["--set", "ta.lambda=0.0"]) == 0
-    after = results(store_copy)["none__ta__none__seed0"]
-    assert after["key"] != before["key"] and after["params"]["merger"]["lambda"] == 0.0
-    # λ = 0 merges to the pretrained model: its ACC is the base model's
-    base_acc = after["metrics"]["base_acc_per_task"]
-    assert after["metrics"]["acc_per_task"] == pytest.approx(base_acc)
+    stored = results(store_copy)
+    assert stored["none__ta__none__seed0"] == before  # the preset's own result is kept
+    [other] = [r for cell, r in stored.items() if cell.startswith("none__ta__none__set-ta.lambda=0.0-")]
+    assert other["key"] != before["key"] and other["params"]["merger"]["lambda"] == 0.0
+    assert other["setting"] == {"ta": {"lambda": 0.0}}
+    # λ = 0 merges to the pretrained model: its ACC is the base model's, no gain
+    base_acc = other["metrics"]["base_acc_per_task"]
+    assert other["metrics"]["acc_per_task"] == pytest.approx(base_acc)
+    assert other["metrics"]["acc_gain_over_base"] == pytest.approx(0.0, abs=1e-9)
 
-    # the leaderboard shows the preset's benchmark: a result made with other parameters is stale
+    # the default leaderboard shows the preset's settings; --set selects the other one
     board = store_copy / "board"
-    assert main(["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board)]) == 0
-    rows = [line.split(",") for line in (board / "results.csv").read_text().splitlines()[1:]]
-    assert [r[5] for r in rows if r[1:4] == ["none", "ta", "none"]] == ["stale"]
-    assert "1 stale cell(s)" in (board / "README.md").read_text()
-    assert main(base) == 0  # rerun with the preset's parameters: current again
-    assert main(["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board)]) == 0
-    rows = [line.split(",") for line in (board / "results.csv").read_text().splitlines()[1:]]
-    assert [r[5] for r in rows if r[1:4] == ["none", "ta", "none"]] == ["ok"]
+
+    def rows(*extra: str) -> list[list[str]]:
+        assert main(["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board),
+                     *extra]) == 0
+        lines = (board / "results.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        return [dict(zip(header, line.split(","))) for line in lines[1:]]
+    mine = [r for r in rows() if (r["attack"], r["merger"], r["defense"]) == ("none", "ta", "none")]
+    assert [r["status"] for r in mine] == ["ok"] and float(mine[0]["acc"]) == pytest.approx(before["metrics"]["acc"])
+    mine = [r for r in rows("--set", "ta.lambda=0.0") if (r["attack"], r["merger"], r["defense"]) == ("none", "ta", "none")]
+    assert [r["status"] for r in mine] == ["ok"] and float(mine[0]["acc"]) == pytest.approx(other["metrics"]["acc"])
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -131,7 +138,7 @@ def test_merge_is_shared_by_defenses_that_post_process_it(store_copy, capsys):
     # none and ibvs hand the merger the cell's own task vectors: one AdaMerging run serves both;
     # dam hands it masked vectors: its merge is its own and is not stored as a merge stage
     args = ["run", "--preset", "smoke", "--attack", "none", "--merger", "adamerging", "--defense", "none",
-            "--defense", "ibvs", "--defense", "dam", "--store", str(store_copy), "--threads", "1"]
+            "--defense", "ibvs", "--defense", "dam", "--store", str(store_copy), "--jobs", "1"]
     def merges() -> int:
         return [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")].count("merge")
     before = merges()  # the fixture's TA merge
@@ -147,24 +154,34 @@ def test_merge_is_shared_by_defenses_that_post_process_it(store_copy, capsys):
     assert r["none__adamerging__dam__seed0"]["status"] == "ok"
 
     # --rerun always recomputes the shared merge once, not once per cell
-    assert main(args[:-6] + ["--store", str(store_copy), "--threads", "1", "--rerun", "always"]) == 0
+    assert main(args[:-6] + ["--store", str(store_copy), "--jobs", "1", "--rerun", "always"]) == 0
     err = capsys.readouterr().err
     assert err.count("computing merge none/adamerging") == 1
 
 
 def test_parallel_workers_match_a_serial_run(store_copy, tmp_path, capsys):
-    # two attack groups in two worker processes; both need IBVS's injection vector: the store's
-    # per-stage lock lets one compute it while the other waits and loads it
+    # stages in two worker processes; two cells need IBVS's injection vector: the store's
+    # per-stage lock lets one compute it while the other waits and loads it. The thread count
+    # is in no key because every stage runs single-threaded on a CPU: the serial run, in a
+    # process set to 2 threads, gives bit-identical figures
+    import torch
+
     serial = tmp_path / "serial"
     shutil.copytree(store_copy, serial)
     cells = ["run", "--preset", "smoke", "--attack", "none", "--attack", "badnets", "--merger", "ta",
              "--defense", "none", "--defense", "ibvs", "--quiet"]
-    assert main(cells + ["--store", str(store_copy), "--jobs", "2", "--threads", "2"]) == 0
-    assert main(cells + ["--store", str(serial), "--jobs", "1", "--threads", "1"]) == 0
+    assert main(cells + ["--store", str(store_copy), "--jobs", "2"]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(cells + ["--store", str(serial), "--jobs", "1"]) == 0
+    finally:
+        torch.set_num_threads(before)
     parallel_results, serial_results = results(store_copy), results(serial)
     for cell in (f"{a}__ta__{d}__seed0" for a in ("none", "badnets") for d in ("none", "ibvs")):
         assert parallel_results[cell]["status"] == "ok"
         assert parallel_results[cell]["key"] == serial_results[cell]["key"]
         assert parallel_results[cell]["metrics"] == serial_results[cell]["metrics"]
+        assert parallel_results[cell]["environment"]["threads"] == serial_results[cell]["environment"]["threads"] == 1
     kinds = [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")]
     assert kinds.count("plugin:ibvs.injection_vector") == 1

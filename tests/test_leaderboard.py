@@ -150,7 +150,7 @@ def test_check_command_stale_failed_not_run_and_edited_files(store_copy, tmp_pat
 
     monkeypatch.setenv("MMBENCH_PLUGINS", "ta,none,presets")  # the cross product is none/ta/none seed 0
     assert main(args) == 0
-    assert {p.name for p in board.iterdir()} == {"README.md", "results.csv", "summary.csv"}
+    assert {p.name for p in board.iterdir()} == {"README.md", "results.csv", "summary.csv", "index.html"}
     capsys.readouterr()
     assert main(args + ["--check"]) == 0
     assert capsys.readouterr().out.strip() == "leaderboard up to date"

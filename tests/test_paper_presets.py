@@ -228,8 +228,8 @@ def test_every_paper_task_has_family_templates():
 def test_paper_pipeline_on_fixtures(parquet_dir, tmp_path):
     """Local checkpoint by path → zero-shot heads → HF tasks → fine-tunes → a cell whose
     result records each task's dataset id and revision."""
-    from mmbench.plan import Runner
-    from mmbench.plugins import load
+    from mmbench.context import SharedStages
+    from mmbench.run import run
 
     model, _ = tiny_checkpoint(tmp_path)
     tasks = (replace(local(presets.PAPER_TASKS["cifar100"], parquet_dir), epochs=1),
@@ -239,16 +239,16 @@ def test_paper_pipeline_on_fixtures(parquet_dir, tmp_path):
                     recipe=Recipe(lr=1e-4, batch_size=8, epochs=1, warmup_steps=2),
                     adversary_task="cifar100", target_class=1, eval_batch_size=16)
     store = Store(tmp_path / "store")
-    runner = Runner(load(), preset, store, torch.device("cpu"), quiet=True)
-    [result] = runner.run(runner.cells(["none"], ["ta"], ["none"]))
+    [result] = run(preset, store, ["none"], ["ta"], ["none"]).results
     assert result["status"] == "ok", result.get("error")
     assert result["data"]["cifar100"] == {"source": "hf", "path": "parquet", "name": None, "revision": None,
                                           "resolved_revision": None}
     assert set(result["data"]) == {"cifar100", "svhn"}
-    heads = runner.shared.heads()
+    shared = SharedStages(preset, store, torch.device("cpu"), quiet=True)
+    heads = shared.heads()
     assert heads["cifar100"].shape == (len(RAW_NAMES), SMOKE_VIT["embed_dim"])
     # svhn fine-tuned for its own 2 epochs: 36 train rows // 8 = 4 steps per epoch
-    _, info = store.load(runner.shared.finetune_key("svhn", 0))
+    _, info = store.load(shared.finetune_key("svhn", 0))
     assert info["steps"] == 8
     saved = json.loads(store.result_path("paper-fixture", result["cell"]).read_text())
     assert saved["data"]["svhn"]["path"] == "parquet"
@@ -274,7 +274,7 @@ def test_plan_counts_cached_stages_and_batch_override(tmp_path, capsys):
     assert main(["plan", "--preset", "vit-b-32-6task", "--store", str(tmp_path), "--attack", "none",
                  "--merger", "ta", "--defense", "none", "--batch-size", "64", "--seed", "0"]) == 0
     out = capsys.readouterr().out
-    assert "1 of 15 stages cached" in out and "batch 64" in out
+    assert "1 of 17 stages cached" in out and "batch 64" in out
     assert "3515 steps" in out  # CIFAR100 at batch 64: 45000 // 64 × 5
     assert "train 3000 / test 3669 (data stage)" in out
 

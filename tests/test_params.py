@@ -6,7 +6,7 @@ import pytest
 from mmbench.api import Merger, Param
 from mmbench.cli import main
 from mmbench.params import check, declared
-from mmbench.plan import resolve_params
+from mmbench.graph import resolve_params
 from mmbench.plugins import Registered, UsageError, load
 
 
@@ -18,11 +18,11 @@ def error_lines(capsys) -> list[str]:
 @pytest.fixture
 def nothing_runs(monkeypatch):
     """Fail the test if a run gets as far as computing a cell."""
-    from mmbench import plan
+    from mmbench import run
 
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("Runner.run was reached: the check came too late")
-    monkeypatch.setattr(plan.Runner, "run", refuse)
+    def refuse(*args, **kwargs):
+        raise AssertionError("execute_graph was reached: the check came too late")
+    monkeypatch.setattr(run, "execute_graph", refuse)
 
 
 @pytest.mark.parametrize("setting, needles", [

@@ -84,9 +84,9 @@ import torch
 import torch.nn.functional as F
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, Param, PluginError, Trigger
+from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, Trigger
 
-from .triggers import POSITIONS, clamp_channels, corner_trigger, patch_side, uniform_patch
+from mmbench.triggers import POSITIONS, clamp_channels, corner_trigger, patch_side, uniform_patch
 
 # Part of every cached stage key of this file: the plugin version alone does not change
 # when the code does (editable installs), so bump this when a cached result would differ.
@@ -275,6 +275,14 @@ def _device_weights(ctx: Context) -> dict[str, torch.Tensor]:
 
 class _BadMerging(Attack):
     off_task = False
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        # stage 1 trigger search (~2000 images × 10 epochs × ~20 ascent steps, early stop) +
+        # stage 2: each step also runs half a batch through f_θ and the frozen f_pre (≈ 1.7 steps)
+        train, test = sizes.finetune_images.get(sizes.adversary_task), sizes.test_images.get(sizes.adversary_task)
+        if train is None or test is None:
+            return None
+        return Cost(train_images=1.7 * train + 400_000, eval_images=4 * test)
 
     def targets(self, ctx: Context, params: dict[str, Any]) -> tuple[str, str, int]:
         task = params["task"] or ctx.adversary_task

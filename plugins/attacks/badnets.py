@@ -23,20 +23,7 @@ from typing import Any
 import mmbench
 from mmbench.api import Attack, AttackResult, Context, Param
 
-from .triggers import POSITIONS, checkerboard, corner_trigger, patch_side, poison_batch
-
-
-def make_trigger(ctx: Context, task: str, patch_area: float, position: str, phase: int = 0):
-    low, high = ctx.data(task).valid_range()
-    side = patch_side(patch_area, ctx.preset.image_size)
-    return corner_trigger(checkerboard(side, low.flatten(), high.flatten(), phase), ctx.preset.image_size, position)
-
-
-def badnets_finetune(ctx: Context, task: str, target: int, trigger, poison_rate: float,
-                     seed: int | None = None, desc: str = "badnets"):
-    """Fine-tune ``task`` from θ_pre with poisoned batches; returns fine-tuned weights."""
-    return ctx.finetune(task, seed=seed, desc=desc,
-                        poison=lambda x, y, g: poison_batch(x, y, trigger, target, poison_rate, g))
+from mmbench.triggers import POSITIONS, badnets_finetune, make_trigger
 
 
 class BadNets(Attack):

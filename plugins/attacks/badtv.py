@@ -50,10 +50,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, Param, PluginError, StateDict
+from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, StateDict
 
-from .badnets import make_trigger
-from .triggers import POSITIONS
+from mmbench.triggers import POSITIONS, make_trigger
 
 
 def operating_point(pretrained: StateDict, weights: StateDict, lam: float) -> StateDict:
@@ -89,6 +88,13 @@ class BadTV(Attack):
                               help="the λ at which info reports ACC/ASR under addition and negation"),
         "epochs": Param(None, "int", min=1, help="fine-tuning epochs; null → the preset recipe's"),
     }
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        # clean + trigger A (+λτ) + trigger B (−λτ) per step; ASR at 3 λ × ±
+        train, test = sizes.finetune_images.get(sizes.adversary_task), sizes.test_images.get(sizes.adversary_task)
+        if train is None or test is None:
+            return None
+        return Cost(train_images=3 * train, eval_images=10 * test)
 
     def run(self, ctx: Context, params: dict[str, Any]) -> AttackResult:
         task = params["task"] or ctx.adversary_task

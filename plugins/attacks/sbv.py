@@ -97,11 +97,10 @@ from typing import Any
 import torch
 
 import mmbench
-from mmbench.api import Attack, AttackResult, Context, Param, PluginError, StateDict
-from mmbench.vectors import topk, weighted_sum
+from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, StateDict
+from mmbench.vectors import task_arithmetic, topk, weighted_sum
 
-from ..mergers.task_arithmetic import task_arithmetic
-from .badnets import badnets_finetune, make_trigger
+from mmbench.triggers import badnets_finetune, make_trigger
 
 # Part of the cached stage keys (which also hold this package's code): bump when what a stage
 # computes changes from outside it. 2: poisoning draws from its own generator (mmbench.train).
@@ -252,6 +251,13 @@ class _SparseBackdoorVector(Attack):
         "probe_lambda": Param(None, "float", min=0,
                               help="λ of the probe TA merge reported in info; null → the preset's ta.lambda or 0.3"),
     }
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        # n BadNets fine-tunes (the clean twin is the shared fine-tune) and their dev calibration
+        train, test = sizes.finetune_images.get(sizes.adversary_task), sizes.test_images.get(sizes.adversary_task)
+        if train is None or test is None:
+            return None
+        return Cost(train_images=3 * train, eval_images=8 * test)
 
     def run(self, ctx: Context, params: dict[str, Any]) -> AttackResult:
         task = params["task"] or ctx.adversary_task

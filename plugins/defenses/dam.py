@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 import mmbench
-from mmbench.api import BoundMerger, Context, Defense, Merged, Param, PluginError, StateDict
+from mmbench.api import BoundMerger, Context, Cost, Defense, Merged, Param, PluginError, Sizes, StateDict
 
 MASKS = ("single", "dual")
 EVAL_MASKS = ("continuous", "discrete")
@@ -304,6 +304,10 @@ class DefenseAwareMerging(Defense):
         "split": Param("dev", "str", choices=("dev", "test", "train"),
                        help="the unlabelled images (the public code uses shuffled test images)"),
     }
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
+        # the mask, λ and δ updates and the final merge: ~5 passes per step and task
+        return Cost(train_images=5 * int(params["steps"]) * int(params["batch_size"]) * len(sizes.tasks))
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:

@@ -47,10 +47,9 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import BoundMerger, Context, Defense, Merged, Param, PluginError, StateDict
+from mmbench.api import BoundMerger, Context, Cost, Defense, Merged, Param, PluginError, Sizes, StateDict
 from mmbench.vectors import norm
-from mmbench_plugins.attacks.badnets import badnets_finetune, make_trigger
-from mmbench_plugins.attacks.triggers import POSITIONS
+from mmbench.triggers import POSITIONS, badnets_finetune, make_trigger
 
 
 def subtract_backdoor_vector(weights: StateDict, backdoor_vector: StateDict, lam: float) -> StateDict:
@@ -98,6 +97,13 @@ class InjectionBackdoorVectorSubtraction(Defense):
         "position": Param("top-left", "str", choices=POSITIONS, help="where the defender's patch goes"),
         "phase": Param(1, "int", choices=(0, 1), help="phase of the patch's black/white checkerboard"),
     }
+
+    merges_own_inputs = True  # subtracts from the merge of the cell's own inputs
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost | None:
+        # one backdoored fine-tune of the defender's task per seed (cached, shared by every cell)
+        train = sizes.finetune_images.get(params.get("task") or sizes.tasks[-1])
+        return None if train is None else Cost(train_images=train, shared_by="seed")
 
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:

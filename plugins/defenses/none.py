@@ -12,6 +12,8 @@ class NoDefense(Defense):
     description = "No defense: merge as the merger does"
     params: dict[str, Param] = {}
 
+    merges_own_inputs = True  # the merger on the cell's own inputs: one shared merge stage
+
     def defend(self, pretrained: StateDict, task_vectors: dict[str, StateDict], merger: BoundMerger,
                ctx: Context, params: dict[str, Any]) -> Merged:
         return merger(pretrained, task_vectors)

@@ -18,7 +18,7 @@ one batch B_k per task per step. The merged encoder runs through
 model is copied per step: ``weights`` is rebuilt each step as tensors
 differentiable w.r.t. λ. AdaMerging++ (``plus``) is the same on TIES-trimmed,
 sign-resolved task vectors: per task, the top-``ties_k`` entries that agree
-with the elected sign (:func:`ties.sign_resolved`).
+with the elected sign (:func:`mmbench.vectors.sign_resolved`).
 
 Hyperparameters (plugin ``defaults``):
 
@@ -48,10 +48,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from mmbench.api import Merged, Merger, Param, PluginError, StateDict
-from mmbench.vectors import float_items
-
-from . import ties
+from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict
+from mmbench.vectors import float_items, sign_resolved
 
 GRANULARITIES = ("layer", "task")
 
@@ -131,6 +129,10 @@ class AdaMerging(Merger):
         "ties_k": Param(0.2, "float", min=0, min_exclusive=True, help="the TIES trim fraction used by plus"),
     }
 
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
+        # entropy of each task's unlabelled batch, forward and backward, every step
+        return Cost(train_images=int(params["steps"]) * int(params["batch_size"]) * len(sizes.tasks))
+
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
               ctx: Any, params: dict[str, Any]) -> Merged:
         o = _options({**self.defaults, **params})
@@ -139,7 +141,7 @@ class AdaMerging(Merger):
         tasks = list(task_vectors)
         vectors = [float_items(tv) for tv in task_vectors.values()]
         if o["plus"]:
-            vectors = ties.sign_resolved(vectors, k=o["ties_k"])
+            vectors = sign_resolved(vectors, k=o["ties_k"])
         layers = [n for n, p in pretrained.items() if torch.is_floating_point(p) and all(n in tv for tv in vectors)]
         merged = set(layers)
         lo, hi = o["clamp"]

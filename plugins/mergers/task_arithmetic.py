@@ -10,15 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import Context, Merged, Merger, Param, StateDict
-
-
-def task_arithmetic(pretrained: StateDict, task_vectors: dict[str, StateDict], lam: float) -> StateDict:
-    merged = {k: v.clone() for k, v in pretrained.items()}
-    for vector in task_vectors.values():
-        for k, v in vector.items():
-            merged[k].add_(v, alpha=lam)
-    return merged
+from mmbench.api import Context, Cost, Merged, Merger, Param, Sizes, StateDict
+from mmbench.vectors import task_arithmetic
 
 
 class TaskArithmetic(Merger):
@@ -30,6 +23,9 @@ class TaskArithmetic(Merger):
               params: dict[str, Any]) -> Merged:
         lam = float(params["lambda"])
         return Merged(task_arithmetic(pretrained, task_vectors, lam), {"lambda": lam})
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
+        return Cost(seconds=1.0, note="tensor arithmetic, ~1 s at ViT-B-32 scale (assumed)")
 
 
 @mmbench.hookimpl

@@ -55,116 +55,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mmbench.api import Merged, Merger, Param, PluginError, StateDict
+from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict
 from mmbench.vectors import float_items, kth_largest_magnitude
 
 MERGES = ("sum", "mean", "max")
 CHUNK_SIZE = 1 << 16  # coordinates per step: a chunk of every task row stays in cache
 
 
-def _sign(x: float) -> float:
-    return float((x > 0) - (x < 0))
-
-
-def _just_below(threshold: float) -> float:
-    """The float32 just below ``threshold`` (0 stays 0): ``|x| > _just_below(t)`` ⇔ ``|x| ≥ t``."""
-    if threshold <= 0:
-        return 0.0
-    t = torch.tensor(threshold, dtype=torch.float32)
-    return float(torch.nextafter(t, torch.zeros_like(t)))
-
-
-# --- 1. trim ---------------------------------------------------------------
-
-def trim_threshold(task_vector: Mapping[str, torch.Tensor], k: float) -> float:
-    """The magnitude an entry needs to survive the trim: the max(1, round(k·d))-th largest
-    |value| over the task's whole vector (its float tensors); 0.0 (keep all) when k ≥ 1."""
-    tensors = list(float_items(task_vector).values())
-    total = sum(t.numel() for t in tensors)
-    count = max(1, int(round(k * total)))
-    if count >= total:
-        return 0.0
-    return kth_largest_magnitude(tensors, count)
-
-
-def trim_tensor(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """T̂: the entries of ``x`` with |x| ≥ threshold (compared in float32), the others zeroed."""
-    if x.dtype == torch.float32:
-        return F.hardshrink(x, _just_below(threshold))
-    return torch.where(x.float().abs() >= threshold, x, 0)
-
-
-def trim(task_vector: Mapping[str, torch.Tensor], k: float) -> StateDict:
-    """Step 1 on one whole task vector: zero all but its top-``k`` fraction by magnitude (global)."""
-    threshold = trim_threshold(task_vector, k)
-    return {n: trim_tensor(v, threshold) for n, v in float_items(task_vector).items()}
-
-
-# --- 2. elect ----------------------------------------------------------------
-
-def elect_rows(rows: Iterable[torch.Tensor], thresholds: Iterable[float]) -> torch.Tensor:
-    """s = sign(Σ_k T̂_k) for the same coordinates of every task (row k trimmed at thresholds[k]);
-    0 where the sum is 0 (filled afterwards by :func:`fill_zero_signs`)."""
-    total = None
-    for row, threshold in zip(rows, thresholds):
-        trimmed = F.hardshrink(row.float(), _just_below(threshold))
-        total = trimmed if total is None else total.add_(trimmed)
-    return torch.sign(total)
-
-
-def fill_zero_signs(signs: torch.Tensor, majority: float) -> torch.Tensor:
-    """Where the elected sign is 0, use the majority sign sign(Σ s) of the whole vector."""
-    return torch.where(signs == 0, torch.as_tensor(majority, dtype=signs.dtype), signs)
-
-
-def elect(trimmed: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
-    """Step 2 on whole trimmed task vectors: the elected sign (float ±1) of every coordinate."""
-    signs = {n: elect_rows([t[n] for t in trimmed], [0.0] * len(trimmed)) for n in trimmed[0]}
-    majority = _sign(sum(float(s.sum()) for s in signs.values()))
-    return {n: fill_zero_signs(s, majority) for n, s in signs.items()}
-
-
-# --- 3. disjoint merge --------------------------------------------------------
-
-def agreeing_magnitudes(row: torch.Tensor, signs: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """|T̂_k| where T̂_k ≠ 0 has the elected sign, else 0 (row trimmed at ``threshold`` on the fly)."""
-    return F.threshold(row.float() * signs, _just_below(threshold), 0.0)
-
-
-def disjoint_merge_rows(rows: Iterable[torch.Tensor], signs: torch.Tensor,
-                        thresholds: Iterable[float], merge: str = "sum") -> torch.Tensor:
-    """Combine, coordinate by coordinate, the entries of the task rows that agree with ``signs``."""
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}")
-    combined = torch.zeros_like(signs)
-    count = torch.zeros_like(signs) if merge == "mean" else None
-    for row, threshold in zip(rows, thresholds):
-        magnitudes = agreeing_magnitudes(row, signs, threshold)
-        if merge == "max":
-            torch.maximum(combined, magnitudes, out=combined)
-        else:
-            combined.add_(magnitudes)
-        if count is not None:
-            count.add_(magnitudes > 0)
-    if count is not None:
-        combined.div_(count.clamp_(min=1))
-    return combined.mul_(signs)
-
-
-def disjoint_merge(trimmed: Sequence[Mapping[str, torch.Tensor]], signs: Mapping[str, torch.Tensor],
-                   merge: str = "sum") -> StateDict:
-    """Step 3 on whole trimmed task vectors and their elected signs."""
-    return {n: disjoint_merge_rows([t[n] for t in trimmed], signs[n].float(), [0.0] * len(trimmed), merge)
-            for n in signs}
-
-
-def sign_resolved(task_vectors: Sequence[Mapping[str, torch.Tensor]], k: float = 0.2) -> list[StateDict]:
-    """Per task, the trimmed entries that agree with the elected sign (AdaMerging++'s inputs):
-    T̂_k ⊙ 1[sign(T̂_k) = s], so that their sum is the ``"sum"`` disjoint merge."""
-    trimmed = [trim(tv, k) for tv in task_vectors]
-    signs = elect(trimmed)
-    return [{n: (agreeing_magnitudes(t[n], signs[n]) * signs[n]).to(t[n].dtype) for n in signs}
-            for t in trimmed]
+# the trim / elect / disjoint-merge steps are public helpers (mmbench.vectors), shared with AdaMerging++
+from mmbench.vectors import (  # noqa: E402,F401
+    _just_below, _sign, agreeing_magnitudes, disjoint_merge, disjoint_merge_rows, elect, elect_rows,
+    fill_zero_signs, sign_resolved, trim, trim_tensor, trim_threshold)
 
 
 # --- the whole merge, streamed ------------------------------------------------
@@ -252,6 +153,9 @@ class Ties(Merger):
                             "mean (the paper) or max (largest magnitude)"),
         "lambda": Param(0.3, "float", min=0, help="λ: scale of the merged vector (θ = θ_pre + λ·merged)"),
     }
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
+        return Cost(seconds=10.0, note="trim, elect, merge: ~10 s at ViT-B-32 scale (assumed)")
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
               ctx: Any, params: dict[str, Any]) -> Merged:

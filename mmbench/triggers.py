@@ -1,11 +1,16 @@
-"""Trigger patterns shared by the patch-based attacks and defenses (pure functions)."""
+"""Patch triggers and poisoned fine-tuning: helpers for attack and defense plugins.
+
+Shared by the built-in BadNets, BadMerging, BadTV, SBV attacks and the IBVS defense
+(plugins never import each other: what two of them share lives here). A third-party
+plugin may use them the same way: ``from mmbench.triggers import make_trigger``.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from mmbench.api import Trigger
+from .api import Context, Trigger
 
 
 def patch_side(area_fraction: float, image_size: int) -> int:
@@ -61,3 +66,16 @@ def clamp_channels(images: torch.Tensor, low: torch.Tensor, high: torch.Tensor) 
     """Clamp (…, C, H, W) values to the per-channel range [low, high] (each (C,) or (C, 1, 1))."""
     low, high = low.reshape(-1, 1, 1).to(images), high.reshape(-1, 1, 1).to(images)
     return torch.maximum(torch.minimum(images, high), low)
+
+
+def make_trigger(ctx: Context, task: str, patch_area: float, position: str, phase: int = 0):
+    low, high = ctx.data(task).valid_range()
+    side = patch_side(patch_area, ctx.preset.image_size)
+    return corner_trigger(checkerboard(side, low.flatten(), high.flatten(), phase), ctx.preset.image_size, position)
+
+
+def badnets_finetune(ctx: Context, task: str, target: int, trigger, poison_rate: float,
+                     seed: int | None = None, desc: str = "badnets"):
+    """Fine-tune ``task`` from θ_pre with poisoned batches; returns fine-tuned weights."""
+    return ctx.finetune(task, seed=seed, desc=desc,
+                        poison=lambda x, y, g: poison_batch(x, y, trigger, target, poison_rate, g))

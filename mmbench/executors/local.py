@@ -1,0 +1,129 @@
+"""The ``local`` executor: the stages of a graph on this machine.
+
+``jobs`` = 1 runs them in this process, in graph order. ``jobs`` > 1 starts that many
+worker processes (spawned, not forked: forking a process whose OpenMP pool has run can
+hang the child); the parent hands each a stage as soon as every stage it needs is done,
+long stages first (fine-tunes and attacks before cells). Each worker keeps what it has
+loaded (base model, heads, fine-tunes) for the stages it runs next. A stage that several
+processes need at once (a plugin's cached stage) is computed by one while the others wait
+on the store's lock and then load it.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable
+
+from ..execute import Outcome, Runtime
+from ..graph import Graph, Stage
+from . import RANK, skipped, waiting
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without reporting (killed, out of memory)."""
+
+
+_graph: Graph | None = None
+_runtime: Runtime | None = None
+
+
+def _init(graph: Graph, runtime: Runtime) -> None:
+    global _graph, _runtime
+    _graph, _runtime = graph, runtime
+
+
+def _run(key: str, force: bool) -> Outcome:
+    from ..execute import run_stage
+
+    return run_stage(_graph, _runtime, key, force)
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, jobs: int = 1, **unused: Any) -> None:
+        self.jobs = max(1, int(jobs))
+
+    def execute(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
+                on_outcome: Callable[[Outcome], None], registry=None, echo=None) -> None:
+        if self.jobs == 1 or len(todo) <= 1:
+            self._serial(graph, todo, forced, runtime, on_outcome, registry, echo)
+        else:
+            self._parallel(graph, todo, forced, runtime, on_outcome)
+
+    def _serial(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
+                on_outcome: Callable[[Outcome], None], registry, echo) -> None:
+        from ..execute import Worker
+
+        worker = Worker(graph, runtime, registry=registry, echo=echo)
+        failed: dict[str, tuple[Stage, str]] = {}
+        for stage in todo:
+            bad = next((failed[i] for i in stage.inputs if i in failed), None)
+            out = skipped(stage, *bad) if bad else worker.run(stage.key, stage.key in forced)
+            if out.error:
+                failed[stage.key] = bad or (stage, out.error)
+            on_outcome(out)
+
+    def _parallel(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
+                  on_outcome: Callable[[Outcome], None]) -> None:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+        from dataclasses import replace
+
+        order = {s.key: i for i, s in enumerate(todo)}
+        stages = {s.key: s for s in todo}
+        blocked = waiting(todo)
+        users: dict[str, list[str]] = {k: [] for k in stages}
+        for key, needs in blocked.items():
+            for i in needs:
+                users[i].append(key)
+        ready: list[tuple[int, int, str]] = []
+
+        def push(key: str) -> None:
+            heapq.heappush(ready, (RANK.get(stages[key].kind, 9), order[key], key))
+        for key, needs in blocked.items():
+            if not needs:
+                push(key)
+        failed: dict[str, tuple[Stage, str]] = {}
+        workers = min(self.jobs, len(todo))
+        runtime = replace(runtime, bars=False, tag=runtime.tag or "")
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                                 initargs=(graph, runtime)) as pool:
+            running: dict[Any, str] = {}
+            try:
+                while ready or running:
+                    while ready and len(running) < workers:
+                        _, _, key = heapq.heappop(ready)
+                        running[pool.submit(_run, key, key in forced)] = key
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        key = running.pop(future)
+                        out = future.result()
+                        finished = [out]
+                        if out.error:  # what needs it (transitively) is reported, not run
+                            failed[key] = (stages[key], out.error)
+                            stack = list(users[key])
+                            while stack:
+                                user = stack.pop()
+                                if user in failed:
+                                    continue
+                                failed[user] = failed[key]
+                                finished.append(skipped(stages[user], *failed[key]))
+                                stack.extend(users[user])
+                        for item in finished:
+                            on_outcome(item)
+                        if out.error:
+                            continue
+                        for user in users[key]:
+                            blocked[user].discard(key)
+                            if not blocked[user] and user not in failed:
+                                push(user)
+            except BaseException as exc:
+                # no new stage starts; running ones finish (every store write is atomic, so
+                # what they leave is complete) and a rerun picks up the rest
+                pool.shutdown(wait=False, cancel_futures=True)
+                if isinstance(exc, BrokenProcessPool):
+                    raise WorkerDied("a worker process died (out of memory?); the stages it finished are "
+                                     "stored: rerun, perhaps with --jobs 1") from None
+                raise

@@ -1,0 +1,378 @@
+"""Plan a run: (preset, selection, seeds, parameters) → an immutable graph of stages.
+
+Planning computes every key up front and imports no torch; executing the graph is a
+separate step (:mod:`mmbench.execute`, run by an executor plugin). ``mmbench plan``,
+``mmbench leaderboard``'s staleness check and the executors all read this one graph.
+
+Stages, with the stages each one needs (its scheduling inputs)::
+
+    data[task]                      –
+    base                            data[*] (tiny presets pretrain on the data)
+    heads                           base (+ data[*] for zero-shot heads)
+    finetune[task, seed]            base, heads, data[task]
+    eval-finetuned[seed]            finetune[*, seed]
+    attack[name, seed]              finetune[*, seed]
+    merge[attack, merger, seed]     finetune[*, seed], attack[name, seed]
+    cell[attack, merger, defense, seed]
+                                    eval-finetuned[seed], finetune[*, seed], attack, merge
+
+A ``merge`` stage exists only where a selected cell's defense declares
+``merges_own_inputs`` (none, IBVS): every such cell of one attack, merger and seed shares
+it. Stages a plugin caches for itself (``Context.cached``: SBV's single backdoor vectors,
+IBVS's injected model, DAM's nothing) are computed inside the stage that first asks for
+them, under the store's lock, and are found by key by every later one.
+
+Keys (:func:`mmbench.keys.stage_key`) cover a stage's parameters, its inputs' keys and the
+code that runs it (:func:`mmbench.keys.core` for harness stages, the plugin's distribution,
+version and source fingerprint for plugin stages). A local checkpoint or dataset enters a
+key by its content (:func:`mmbench.keys.file_digest`), not its path. The number of CPU
+threads is not in any key: every stage runs single-threaded on a CPU (docs/architecture.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable, Mapping
+
+from .keys import DATA_FORMAT, SPLIT_SEED, canonical_json, core, core_code, file_digest, stage_key
+from .plugins import Registered, UsageError, unknown_name
+from .presets import Preset, Recipe
+
+NO_ATTACK = "none"
+KINDS = ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell")
+
+
+# --- cells -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    preset: str
+    attack: str
+    merger: str
+    defense: str
+    seed: int
+    setting: str = ""   # "" for the preset's own parameters, else a tag of what --set changed
+
+    @property
+    def id(self) -> str:
+        middle = f"__{self.setting}" if self.setting else ""
+        return f"{self.attack}__{self.merger}__{self.defense}{middle}__seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack}/{self.merger}/{self.defense} seed {self.seed}" + (
+            f" [{self.setting}]" if self.setting else "")
+
+
+def setting_tag(changed: Mapping[str, Mapping[str, Any]]) -> str:
+    """A readable, file-name-safe tag of the parameters a cell runs with beyond its preset's,
+    plus 8 hex digits of their canonical JSON: ``set-ta.lambda=0.5-1f2e3d4c``."""
+    if not changed:
+        return ""
+    readable = ",".join(f"{p}.{k}={json.dumps(v, separators=(',', ':'))}"
+                        for p in sorted(changed) for k, v in sorted(changed[p].items()))
+    readable = re.sub(r"[^A-Za-z0-9._=,+-]", "", readable)[:48]
+    digest = hashlib.sha256(canonical_json(changed).encode()).hexdigest()[:8]
+    return f"set-{readable}-{digest}"
+
+
+def parse_overrides(items: list[str], registry) -> dict[str, dict[str, Any]]:
+    """``--set ties.k=0.1`` items → {"ties": {"k": 0.1}} (values parsed as JSON, else strings)."""
+    out: dict[str, dict[str, Any]] = {}
+    known = {name for kind in ("attack", "merger", "defense") for name in registry.names(kind)}
+    for item in items:
+        target, eq, value = item.partition("=")
+        name, dot, param = target.partition(".")
+        if not eq or not dot or not param:
+            raise UsageError(f"--set wants PLUGIN.PARAM=VALUE, got {item!r}")
+        if name not in known:
+            raise unknown_name("plugin in --set", name, sorted(known))
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        out.setdefault(name, {})[param] = parsed
+    return out
+
+
+def resolve_params(reg: Registered, preset: Preset, overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The plugin's declared defaults, updated by the preset's ``plugin_params`` and then
+    ``--set``; each given value is checked against the plugin's declaration (an unknown key
+    or a bad value is a UsageError). A preset's entries for plugins that are not installed
+    are never looked at: a preset may configure optional plugins."""
+    from .params import check, declared
+
+    params = declared(reg.obj)
+    from_preset = check(reg.kind, reg.name, params, preset.plugin_params.get(reg.name, {}), f"preset {preset.name}")
+    from_set = check(reg.kind, reg.name, params, overrides.get(reg.name, {}), "--set")
+    return {**{k: p.default for k, p in params.items()}, **from_preset, **from_set}
+
+
+# --- keys of the harness's stages ----------------------------------------------------------
+_digests: dict[tuple, str] = {}
+
+
+def _local_digest(path: str) -> str | None:
+    """The content digest of a local file or folder (memoised on path, size and mtime), or None
+    when ``path`` is not on this filesystem (a hub id, an open_clip tag)."""
+    if not isinstance(path, str) or not os.path.exists(path):
+        return None
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _digests:
+        _digests[memo] = file_digest(path)
+    return _digests[memo]
+
+
+class StageKeys:
+    """The keys of the harness's own stages for one preset (pure: no store, no torch)."""
+
+    def __init__(self, preset: Preset) -> None:
+        self.preset = preset
+        self.preset_hash = hashlib.sha256(canonical_json(self._preset_key()).encode()).hexdigest()
+
+    def _preset_key(self) -> dict[str, Any]:
+        key = self.preset.key()
+        key["model"] = self._model_spec()
+        key["tasks"] = [self._task_spec(t["name"], t) for t in key["tasks"]]
+        return key
+
+    def _model_spec(self) -> dict[str, Any]:
+        spec = asdict(self.preset.model)
+        digest = _local_digest(spec.get("pretrained"))
+        if digest:  # a local checkpoint: its content, not where it lies
+            spec["pretrained"] = {"sha256": digest}
+        return spec
+
+    def _task_spec(self, name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        spec = dict(spec if spec is not None else asdict(self.preset.task(name)))
+        args = dict(spec.get("source_args") or {})
+        for field_name in ("path", "data_dir", "data_files"):
+            digest = _local_digest(args.get(field_name))
+            if digest:
+                args[field_name] = {"sha256": digest}
+        spec["source_args"] = args
+        return spec
+
+    def recipe(self, task: str) -> Recipe:
+        """The preset's recipe with the task's own epochs (``TaskSpec.epochs``) when set."""
+        epochs = self.preset.task(task).epochs
+        return self.preset.recipe if epochs is None else replace(self.preset.recipe, epochs=epochs)
+
+    def data(self, task: str) -> str:
+        spec = self._task_spec(task)
+        spec.pop("epochs", None)  # a training setting, not a property of the data
+        return stage_key("data", {"task": spec, "split_seed": SPLIT_SEED, "format": DATA_FORMAT},
+                         plugin=core("data"))
+
+    def base(self) -> str:
+        p = self.preset
+        inputs = [self.data(t) for t in p.task_names] if p.model.pretrain_steps else []
+        return stage_key("base", {"model": self._model_spec(), "image_size": p.image_size,
+                                  "mean": p.mean, "std": p.std}, inputs, plugin=core("base"))
+
+    def heads(self) -> str:
+        p = self.preset
+        params: dict[str, Any] = {"kind": p.heads, "tasks": p.task_names}
+        inputs = [self.base()]
+        if p.heads == "zeroshot":  # the prompts and the data's class names make the head
+            from .zeroshot import templates_for
+            params["templates"] = {t.name: list(templates_for(t)) for t in p.tasks}
+            inputs += [self.data(t) for t in p.task_names]
+        return stage_key("heads", params, inputs, plugin=core("heads"))
+
+    def finetune(self, task: str, seed: int) -> str:
+        return stage_key("finetune", {"task": task, "seed": seed, "recipe": asdict(self.recipe(task))},
+                         [self.base(), self.heads(), self.data(task)], plugin=core("finetune"))
+
+    def eval_finetuned(self, seed: int) -> str:
+        return stage_key("eval-finetuned", {"seed": seed, "splits": ["test", "dev"]},
+                         [self.finetune(t, seed) for t in self.preset.task_names], plugin=core("eval-finetuned"))
+
+    def plugin_stage(self, kind: str, params: Any, seed: int, plugin: tuple[str, str] | None) -> str:
+        """The key of a stage a plugin caches through ``Context.cached``."""
+        code = (*plugin, core_code("plugin")) if plugin else core("plugin")
+        return stage_key(f"plugin:{kind}", {"params": params, "seed": seed},
+                         [self.preset_hash, self.base()], plugin=code)
+
+
+# --- the graph ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    key: str
+    kind: str
+    label: str
+    inputs: tuple[str, ...] = ()      # the stages that must be done first
+    seed: int | None = None
+    task: str | None = None
+    attack: str | None = None
+    merger: str | None = None
+    defense: str | None = None
+    cell: Cell | None = None
+    params_json: str = "{}"          # the stage's resolved plugin parameters
+    gpu: bool = False                # does heavy tensor work (a GPU is requested where there is one)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.params_json)
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Every stage a selection of cells needs, keyed, in an order where inputs come first.
+    Frozen, and its mappings are never changed after :func:`plan` (plain dicts, so that a
+    graph pickles to worker processes and Ray tasks)."""
+
+    preset: Preset
+    stages: Mapping[str, Stage]
+    cells: tuple[Cell, ...]
+    cell_keys: Mapping[Cell, str]
+    params: Mapping[tuple[str, str], Mapping[str, Any]]   # (kind, name) → resolved parameters
+    plugins: Mapping[tuple[str, str], Mapping[str, str]]  # (kind, name) → name, distribution, version, code
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    digest: str = ""   # sha256 of every stage key: the graph's identity across processes
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def stage(self, key: str) -> Stage:
+        return self.stages[key]
+
+    def cell_stage(self, cell: Cell) -> Stage:
+        return self.stages[self.cell_keys[cell]]
+
+    def of_kind(self, kind: str) -> list[Stage]:
+        return [s for s in self.stages.values() if s.kind == kind]
+
+    def needed(self, keys: Iterable[str]) -> list[Stage]:
+        """The stages ``keys`` need (themselves included), inputs first."""
+        want: set[str] = set()
+        stack = list(keys)
+        while stack:
+            k = stack.pop()
+            if k not in want:
+                want.add(k)
+                stack.extend(self.stages[k].inputs)
+        return [s for k, s in self.stages.items() if k in want]
+
+    def dependents(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {k: [] for k in self.stages}
+        for s in self.stages.values():
+            for i in s.inputs:
+                out[i].append(s.key)
+        return out
+
+    def find(self, kind: str, **where: Any) -> Stage | None:
+        for s in self.stages.values():
+            if s.kind == kind and all(getattr(s, k) == v for k, v in where.items()):
+                return s
+        return None
+
+
+def _selected(registry, kind: str, chosen: list[str] | None, extra: tuple[str, ...] = ()) -> list[str]:
+    names = list(extra) + registry.names(kind)
+    for name in chosen or []:
+        if name not in names:
+            raise unknown_name(kind, name, names)
+    return list(dict.fromkeys(chosen)) if chosen else names
+
+
+def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: list[str] | None = None,
+         defenses: list[str] | None = None, seeds: list[int] | None = None,
+         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Graph:
+    """The graph of the cross product of the selection (every installed plugin where a list is
+    None, the preset's seeds), with ``overrides`` (``--set``) applied. Every installed
+    plugin's parameters are checked first, selected or not: a bad ``--set`` or preset value
+    is a UsageError before anything runs."""
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    a_names = _selected(registry, "attack", attacks, (NO_ATTACK,))
+    m_names = _selected(registry, "merger", mergers)
+    d_names = _selected(registry, "defense", defenses)
+    if not m_names or not d_names:
+        raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
+    seed_list = list(dict.fromkeys(seeds)) if seeds else list(preset.seeds)
+
+    params: dict[tuple[str, str], dict[str, Any]] = {}
+    own: dict[tuple[str, str], dict[str, Any]] = {}    # the preset's own parameters (no --set)
+    plugins: dict[tuple[str, str], dict[str, str]] = {}
+    regs: dict[tuple[str, str], Registered] = {}
+    for kind in ("attack", "merger", "defense"):
+        for name in registry.names(kind):
+            reg = registry.get(kind, name)
+            regs[(kind, name)] = reg
+            params[(kind, name)] = resolve_params(reg, preset, overrides)
+            own[(kind, name)] = resolve_params(reg, preset, {})
+            plugins[(kind, name)] = {"name": reg.name, "distribution": reg.distribution,
+                                     "version": reg.version, "code": reg.code}
+    from . import __version__
+    plugins[("attack", NO_ATTACK)] = {"name": NO_ATTACK, "distribution": "mmbench", "version": __version__,
+                                      "code": core_code("cell")}
+    params[("attack", NO_ATTACK)] = {}
+    own[("attack", NO_ATTACK)] = {}
+
+    keys = StageKeys(preset)
+    tasks = preset.task_names
+    stages: dict[str, Stage] = {}
+
+    def add(stage: Stage) -> str:
+        stages.setdefault(stage.key, stage)
+        return stage.key
+
+    def pj(value: Any) -> str:
+        return canonical_json(value)
+
+    data = {t: add(Stage(keys.data(t), "data", f"data[{t}]", task=t)) for t in tasks}
+    base = add(Stage(keys.base(), "base", "base", tuple(data.values()) if preset.model.pretrain_steps else (),
+                     gpu=bool(preset.model.pretrain_steps)))
+    heads_inputs = (base, *data.values()) if preset.heads == "zeroshot" else (base,)
+    heads = add(Stage(keys.heads(), "heads", "heads", heads_inputs, gpu=True))
+    cells: list[Cell] = []
+    cell_keys: dict[Cell, str] = {}
+    for seed in seed_list:
+        fts = tuple(add(Stage(keys.finetune(t, seed), "finetune", f"finetune[{t}, seed {seed}]",
+                              (base, heads, data[t]), seed=seed, task=t, gpu=True)) for t in tasks)
+        evalft = add(Stage(keys.eval_finetuned(seed), "eval-finetuned", f"eval fine-tuned (seed {seed})",
+                           fts, seed=seed, gpu=True))
+        for attack in a_names:
+            attack_key = None
+            if attack != NO_ATTACK:
+                reg = regs[("attack", attack)]
+                attack_key = add(Stage(
+                    stage_key("attack", {"name": attack, "params": params[("attack", attack)], "seed": seed},
+                              [keys.preset_hash, keys.base()],
+                              plugin=(reg.distribution, reg.key_version, core_code("attack"))),
+                    "attack", f"attack {attack} (seed {seed})", fts, seed=seed, attack=attack,
+                    params_json=pj(params[("attack", attack)]), gpu=True))
+            vector_keys = list(fts) + ([attack_key] if attack_key else [])
+            for merger in m_names:
+                mreg = regs[("merger", merger)]
+                merge_key = stage_key("merge", {"merger": merger, "params": params[("merger", merger)],
+                                                "seed": seed}, vector_keys,
+                                      plugin=(mreg.distribution, mreg.key_version, core_code("merge")))
+                for defense in d_names:
+                    dreg = regs[("defense", defense)]
+                    changed = {n: {k: v for k, v in params[(kind, n)].items() if own[(kind, n)].get(k, object()) != v}
+                               for kind, n in (("attack", attack), ("merger", merger), ("defense", defense))}
+                    changed = {n: c for n, c in changed.items() if c}
+                    cell = Cell(preset.name, attack, merger, defense, seed, setting_tag(changed))
+                    inputs = [evalft, *fts] + ([attack_key] if attack_key else [])
+                    if getattr(dreg.obj, "merges_own_inputs", False):
+                        inputs.append(add(Stage(merge_key, "merge", f"merge {attack}/{merger} (seed {seed})",
+                                                tuple(vector_keys), seed=seed, attack=attack, merger=merger,
+                                                params_json=pj(params[("merger", merger)]), gpu=True)))
+                    key = stage_key("cell", {"merger": [merger, params[("merger", merger)]],
+                                             "defense": [defense, params[("defense", defense)]], "seed": seed},
+                                    vector_keys + [evalft],
+                                    plugin=(core_code("cell"), mreg.key_version, dreg.key_version))
+                    add(Stage(key, "cell", f"cell {cell.label}", tuple(inputs), seed=seed, attack=attack,
+                              merger=merger, defense=defense, cell=cell,
+                              params_json=pj({"merger": params[("merger", merger)],
+                                              "defense": params[("defense", defense)],
+                                              **({"attack": params[("attack", attack)]} if attack_key else {}),
+                                              "setting": changed}), gpu=True))
+                    cells.append(cell)
+                    cell_keys[cell] = key
+    digest = hashlib.sha256("\n".join(stages).encode()).hexdigest()
+    return Graph(preset, stages, tuple(cells), cell_keys, params, plugins, overrides, digest)
