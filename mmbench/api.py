@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # torch is imported where a tensor is touched: planning a run
 
 StateDict = dict[str, "torch.Tensor"]
 
-# The plugin API's version: 2 added Cost / Plugin.estimate and Defense.merges_own_inputs
-# (both optional, with defaults: a plugin written for version 1 works unchanged).
+# The plugin API's version: 2 added Cost / Plugin.estimate, Defense.merges_own_inputs and
+# Context.checkpoint (all optional, with defaults: a plugin written for version 1 works unchanged).
 API_VERSION = 2
 
 __all__ = [
@@ -379,6 +379,12 @@ class Context(Protocol):
                label: str | None = None) -> tuple[StateDict, dict[str, Any]]:
         """Run ``compute`` once per (kind, params, preset, seed, plugin version); keep its tensors and info.
         ``label`` names the stage in the run's log (default: ``kind`` and the start of ``params``)."""
+
+    def checkpoint(self, tag: str) -> Any:
+        """A resumable loop's checkpoint inside the current stage, or None outside one:
+        ``.load()`` → (tensors, info) saved by a run that died, or None; ``.due()`` → time to
+        save; ``.save(tensors, info)``. The store drops it once the stage is saved.
+        (API version 2.)"""
 
     def generator(self, *salt: Any) -> torch.Generator:
         """A CPU generator seeded from the cell's seed and ``salt`` (reproducible, independent streams)."""

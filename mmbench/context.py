@@ -27,7 +27,7 @@ from . import models, train
 from .api import StateDict, Trigger
 from .presets import Preset, Recipe
 from .graph import StageKeys
-from .keys import canonical_json
+from .keys import canonical_json, stage_key
 from .store import Store
 
 CORE = ("mmbench", mmbench.__version__)
@@ -72,6 +72,7 @@ class SharedStages:
         self.preset_hash = self.keys.preset_hash
         self._memo: dict[str, Any] = {}
         self._encoder_module: torch.nn.Module | None = None
+        self._computing: list[tuple[str, str, dict[str, int], list[str]]] = []  # (key, label, ordinals, checkpoints)
 
     # stage plumbing -----------------------------------------------------------
     def stage(self, label: str, key: str, kind: str, compute: Callable[[], tuple[StateDict, dict]],
@@ -92,9 +93,15 @@ class SharedStages:
                     if not self.quiet:
                         self.echo(f"  computing {label} ...")
                     start = time.perf_counter()
-                    loaded = compute()
+                    self._computing.append((key, label, {}, []))
+                    try:
+                        loaded = compute()
+                    finally:
+                        _, _, _, checkpoints = self._computing.pop()
                     seconds = time.perf_counter() - start
                     self.store.save(key, kind, *loaded, seconds=seconds)
+                    for ck in checkpoints:  # the stage is whole: its checkpoints are not needed
+                        self.store.discard(ck)
         self.log.add(label, seconds)
         if memo:
             self._memo[key] = loaded
@@ -102,6 +109,20 @@ class SharedStages:
 
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
         return _progress(iterable, total=total, desc=desc, quiet=self.quiet or not self.bars)
+
+    def checkpoint(self, tag: str) -> "Checkpoint | None":
+        """A checkpoint for a long loop inside the stage being computed (None outside any
+        stage): keyed by that stage's key, ``tag`` and how many loops of that tag the stage
+        ran before (a plugin's stage may run several fine-tunes), kept in the store until the
+        stage is saved."""
+        if not self._computing:
+            return None
+        key, label, ordinals, checkpoints = self._computing[-1]
+        n = ordinals.get(tag, 0)
+        ordinals[tag] = n + 1
+        ck_key = stage_key("checkpoint", {"tag": tag, "n": n}, [key])
+        checkpoints.append(ck_key)
+        return Checkpoint(self.store, ck_key, f"{label}: {tag}", self.echo if not self.quiet else (lambda m: None))
 
     # data ---------------------------------------------------------------------
     def data_key(self, task: str) -> str:
@@ -246,6 +267,7 @@ class SharedStages:
         return train.finetune(module, init if init is not None else self.pretrained(), td,
                               lambda f: logits(f, head), recipe, order, poison=poison,
                               poison_generator=poisoning, loss=loss, device=self.device,
+                              checkpoint=self.checkpoint(f"finetune {task} seed {seed}"),
                               progress=lambda it: _faulty(self.progress(it, desc=desc or f"fine-tune {task}"),
                                                           "finetune.step"))
 
@@ -303,6 +325,33 @@ class SharedStages:
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                             split: str = "test") -> float:
         return evaluate_mod.rate(*self.asr_counts(weights, task, trigger, target_class, split))
+
+
+class Checkpoint:
+    """Where a long loop (a fine-tune, AdaMerging's steps) keeps its state so that a run that
+    dies part-way resumes from it: an artifact in the store under its own key, written
+    atomically like any other, at most every ``MMBENCH_CHECKPOINT_SECONDS`` (default 300) s."""
+
+    def __init__(self, store: Store, key: str, label: str, echo: Callable[[str], None]) -> None:
+        import os
+
+        self.store, self.key, self.label, self.echo = store, key, label, echo
+        self.interval = float(os.environ.get("MMBENCH_CHECKPOINT_SECONDS", "300"))
+        self._last = time.monotonic()
+
+    def load(self) -> tuple[StateDict, dict[str, Any]] | None:
+        loaded = self.store.load(self.key)
+        if loaded is not None:
+            self.echo(f"  resuming {self.label} from step {loaded[1].get('step')}")
+        self._last = time.monotonic()
+        return loaded
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval
+
+    def save(self, tensors: StateDict, info: dict[str, Any]) -> None:
+        self.store.save(self.key, "checkpoint", tensors, info)
+        self._last = time.monotonic()
 
 
 def _faulty(iterable: Iterable, point: str) -> Iterator:
@@ -394,8 +443,11 @@ class RunContext:
     def generator(self, *salt: Any) -> torch.Generator:
         return torch.Generator().manual_seed(hash_seed(self.seed, *salt))
 
+    def checkpoint(self, tag: str) -> Checkpoint | None:
+        return self.shared.checkpoint(tag)
+
     def progress(self, iterable: Iterable, total: int | None = None, desc: str = "") -> Iterable:
-        return self.shared.progress(iterable, total=total, desc=desc)
+        return _faulty(self.shared.progress(iterable, total=total, desc=desc), f"step.{desc}")
 
     def log(self, message: str) -> None:
         if not self.shared.quiet:

@@ -122,7 +122,10 @@ def _local_digest(path: str) -> str | None:
     st = os.stat(path)
     memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if memo not in _digests:
-        _digests[memo] = file_digest(path)
+        try:
+            _digests[memo] = file_digest(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path} to key it by its content: {exc.strerror or exc}") from None
     return _digests[memo]
 
 

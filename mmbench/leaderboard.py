@@ -332,9 +332,12 @@ def write(df: pd.DataFrame, out_dir: Path, notes: str = "", findings: dict[str, 
 
     out_dir = Path(out_dir)
     paths = []
+    from . import faults
+
     for name, data in render(df, notes, findings).items():
-        atomic_write_bytes(out_dir / name, data)
+        atomic_write_bytes(out_dir / name, data)  # each file whole; a rerun rewrites them all
         paths.append(out_dir / name)
+        faults.point("leaderboard")
     return paths
 
 

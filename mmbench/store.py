@@ -431,6 +431,15 @@ class Store:
             os.close(fd)
         return False
 
+    def discard(self, key: str) -> None:
+        """Remove an artifact (a finished stage's checkpoint): the sidecar first, so that it is
+        never visible without its tensors; a missing file is no error."""
+        for path in self._paths(key)[::-1]:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
     def load(self, key: str) -> tuple[StateDict, dict[str, Any]] | None:
         """The artifact's tensors and info, or None when missing or failing verification.
 

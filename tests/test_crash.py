@@ -21,7 +21,7 @@ SELECTION = ["--preset", "smoke", "--attack", "badnets", "--merger", "ta", "--de
              "--seed", "0", "--jobs", "1"]
 # NAME[:N]: killed the N-th time the run passes NAME. N is chosen so that some stages have
 # finished before the kill (so "nothing finished is recomputed" means something)
-POINTS = ["store.save.tensors:5", "store.save_result", "base", "finetune:2", "merge", "cell"]
+POINTS = ["store.save.tensors:5", "store.save_result", "base.step:20", "finetune.step:5", "merge", "cell"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -29,9 +29,10 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
-def _run(store: Path, *, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    env = _env(MMBENCH_KILL_AT=kill_at) if kill_at else _env()
-    return subprocess.run([sys.executable, "-m", "mmbench.cli", "run", *SELECTION, "--store", str(store)],
+def _run(store: Path, *, kill_at: str | None = None, selection: list[str] = SELECTION,
+         **env_extra: str) -> subprocess.CompletedProcess:
+    env = _env(MMBENCH_KILL_AT=kill_at, **env_extra) if kill_at else _env(**env_extra)
+    return subprocess.run([sys.executable, "-m", "mmbench.cli", "run", *selection, "--store", str(store)],
                           env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -53,6 +54,8 @@ def _sidecars(store: Path) -> dict[str, tuple]:
     out = {}
     for meta in (store / "artifacts").glob("*/*.json"):
         tensors = meta.with_suffix(".safetensors")
+        if json.loads(meta.read_text())["kind"] == "checkpoint":  # dropped once its stage is saved
+            continue
         out[meta.stem] = (json.loads(meta.read_text())["created"], meta.stat().st_mtime_ns,
                           tensors.stat().st_mtime_ns)
     return out
@@ -120,3 +123,42 @@ def test_a_store_that_cannot_be_written_is_one_line_and_status_2(tmp_path):
                           timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"mmbench: error: store {tmp_path / 'file' / 'store'} is not writable: Not a directory"]
+
+
+def test_kill_while_writing_the_leaderboard_leaves_whole_files(reference, tmp_path):
+    """SIGKILL after the leaderboard's first file: every file is either absent or whole, and a
+    rerun writes the same files as an uninterrupted one."""
+    store = tmp_path / "store"
+    assert _run(store).returncode == 0
+    board, clean = tmp_path / "board", tmp_path / "clean"
+    argv = [sys.executable, "-m", "mmbench.cli", "leaderboard", "--preset", "smoke", "--store", str(store)]
+    killed = subprocess.run(argv + ["--out", str(board)], env=_env(MMBENCH_KILL_AT="leaderboard"),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    written = sorted(p.name for p in board.iterdir() if p.is_file())
+    assert written and not _leftovers(board)
+    assert subprocess.run(argv + ["--out", str(clean)], env=_env(), capture_output=True, timeout=300).returncode == 0
+    assert len(written) < len([p for p in clean.iterdir() if p.is_file()])
+    for name in written:  # what was written before the kill is whole
+        assert (board / name).read_bytes() == (clean / name).read_bytes()
+    assert subprocess.run(argv + ["--out", str(board)], env=_env(), capture_output=True, timeout=300).returncode == 0
+    assert ({p.name: p.read_bytes() for p in board.iterdir() if p.is_file()}
+            == {p.name: p.read_bytes() for p in clean.iterdir() if p.is_file()})
+
+
+@pytest.mark.parametrize("merger, point", [("ta", "finetune.step:8"), ("adamerging", "step.adamerging:3")])
+def test_a_long_stage_resumes_from_its_checkpoint(merger, point, tmp_path):
+    """A fine-tune (or AdaMerging) killed part-way resumes from its last checkpoint (saved every
+    step here: MMBENCH_CHECKPOINT_SECONDS=0) and ends exactly where an uninterrupted run does."""
+    selection = ["--preset", "smoke", "--attack", "none", "--merger", merger, "--defense", "none",
+                 "--seed", "0", "--jobs", "1"]
+    clean, store = tmp_path / "clean", tmp_path / "store"
+    assert _run(clean, selection=selection).returncode == 0
+    killed = _run(store, kill_at=point, selection=selection, MMBENCH_CHECKPOINT_SECONDS="0")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    rerun = _run(store, selection=selection, MMBENCH_CHECKPOINT_SECONDS="0")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert re.search(r"resuming .* from step [1-9]", rerun.stderr), rerun.stderr[-2000:]
+    assert _results(store) == _results(clean)  # bit for bit: same keys, same metrics
+    kinds = [json.loads(p.read_text())["kind"] for p in (store / "artifacts").glob("*/*.json")]
+    assert "checkpoint" not in kinds and _leftovers(store) == []

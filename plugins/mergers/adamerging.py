@@ -160,13 +160,34 @@ class AdaMerging(Merger):
             features = ctx.forward(weights, torch.cat(batches)).split([len(b) for b in batches])
             return sum(mean_entropy(ctx.logits(f, task)) for f, task in zip(features, tasks))
 
-        history = []
-        for _ in ctx.progress(range(o["steps"]), desc="adamerging"):
+        history: list[float] = []
+        start = 0
+        # resumable: a run that dies part-way continues from its last checkpoint (the
+        # coefficients, Adam's state, the losses; each task's stream is replayed to its place)
+        checkpoint = ctx.checkpoint("adamerging") if hasattr(ctx, "checkpoint") else None
+        resumed = checkpoint.load() if checkpoint is not None else None
+        if resumed is not None:
+            tensors, info = resumed
+            with torch.no_grad():
+                lambdas.copy_(tensors["lambdas"].to(device))
+            state = optimizer.state_dict()
+            state["state"] = {0: {k[len("adam."):]: v.to(device) if k != "adam.step" else v
+                                  for k, v in tensors.items() if k.startswith("adam.")}}
+            optimizer.load_state_dict(state)
+            start, history = int(info["step"]), list(info["entropy"])
+            for stream in streams.values():
+                for _ in range(start):
+                    next(stream)
+        for step in ctx.progress(range(start, o["steps"]), desc="adamerging"):
             loss = entropy(merge_weights(base, vectors, layers, lambdas.clamp(lo, hi)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             history.append(float(loss.detach()))
+            if checkpoint is not None and step + 1 < o["steps"] and checkpoint.due():
+                adam = optimizer.state_dict()["state"].get(0, {})
+                checkpoint.save({"lambdas": lambdas.detach(), **{f"adam.{k}": v for k, v in adam.items()}},
+                                {"step": step + 1, "entropy": history})
 
         with torch.no_grad():
             coefficients = lambdas.detach().clamp(lo, hi)
