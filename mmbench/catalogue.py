@@ -86,7 +86,10 @@ SMOKE = Preset(
     target_class=0,
     eval_batch_size=512,
     # seconds, not fidelity: the smoke preset exercises every plugin's code path
-    plugin_params={"dam": {"steps": 5}, "adamerging": {"steps": 20},
+    # ta and ties: λ chosen by `mmbench tune` on clean dev ACC, seed 0 (docs/tuning/smoke-*.json), so
+    # that the clean merge (dev ACC 34.5 TA, 30.0 TIES) stands well clear of the base model (≈ 11, chance)
+    plugin_params={"ta": {"lambda": 1.0}, "ties": {"lambda": 1.5},
+                   "dam": {"steps": 5}, "adamerging": {"steps": 20},
                    "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
                    "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
                                       "trigger_max_iterations": 5},

@@ -200,9 +200,14 @@ def cmd_run(args) -> int:
         parts = ([f"{len(shown)} stages: {', '.join(shown)}"] if shown else []) + (
             [f"{cells_reused} cell results"] if cells_reused else [])
         echo("reused " + "; ".join(parts))
-    computed = [f"{label} ({sec:.1f} s)" for label, sec in report.computed]
-    if computed:
-        echo(f"computed {len(computed)}: {', '.join(computed)}")
+    if report.computed:  # by kind of stage, and the slowest ones
+        kinds: dict[str, list[float]] = {}
+        for label, sec in report.computed:
+            kinds.setdefault(label.split("[")[0].split(" ")[0], []).append(sec)
+        slowest = sorted(report.computed, key=lambda c: -c[1])[:5]
+        echo(f"computed {len(report.computed)} stages (" + ", ".join(
+            f"{len(v)} {k}" for k, v in kinds.items()) + f"; {sum(s for _, s in report.computed):.0f} s of work), "
+             "slowest: " + ", ".join(f"{label} {sec:.1f} s" for label, sec in slowest))
     if len(report.nodes) > 1:
         echo("ran on " + "; ".join(f"{node}: {len(labels)} stages" for node, labels in sorted(report.nodes.items())))
     for label, error in report.failed_stages:

@@ -252,7 +252,7 @@ def test_smoke_wiring_and_the_probe_is_the_ta_none_cell(store_copy):
     for name, cell in cells.items():
         assert cell["status"] == "ok", (name, cell.get("error"))
         info, metrics = cell["info"]["attack"], cell["metrics"]
-        assert info["probe_lambda"] == cell["info"]["merge"]["lambda"] == 0.3
+        assert info["probe_lambda"] == cell["info"]["merge"]["lambda"] == 1.0  # smoke sets ta.lambda 1.0
         assert metrics["asr"] == info["probe_merged_asr_per_trigger"][0]
         assert metrics["attacked_task_acc"] == info["probe_merged_acc"]
         assert metrics["standalone_asr"] == info["asr_per_trigger"][0]
