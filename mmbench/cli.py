@@ -360,6 +360,15 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_check_plugin(args) -> int:
+    from .check import check_plugin, render
+
+    registry = load()
+    findings = check_plugin(args.name, registry, args.store, args.preset)
+    print(render(args.name, findings))
+    return 1 if any(f.level == "FAIL" for f in findings) else 0
+
+
 def cmd_findings(args) -> int:
     from . import findings
     from .store import Store
@@ -463,6 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write nothing; exit 1 (one line per problem) if a cell of the preset's declared "
                             "seeds is stale, failed or not run, or if --out differs from the stored results")
     board.set_defaults(func=cmd_leaderboard)
+
+    checker = sub.add_parser("check-plugin", help="run one plugin through the contract on smoke and say what is "
+                                                   "wrong in plain words (exit 1 if something is)")
+    checker.add_argument("name", help="an attack, merger or defense")
+    checker.add_argument("--preset", default="smoke")
+    checker.add_argument("--store", default=None, help="default: a temporary store, removed afterwards")
+    checker.set_defaults(func=cmd_check_plugin)
 
     found = sub.add_parser("findings", help="check the papers' claims against the stored results "
                                             "(reproduced / not reproduced / inconclusive / not measured)")

@@ -41,3 +41,49 @@ def test_example_plugin_installs_lists_and_runs(tmp_path, smoke_store):
     # averaging two task vectors is task arithmetic with λ = 1/2; the smoke baseline used the preset's λ
     assert r["info"]["merge"] == {"coefficient": 0.5}
     assert ta["metrics"]["finetuned_acc_per_task"] == r["metrics"]["finetuned_acc_per_task"]
+
+
+def _fake_package(site: Path, module: str, source: str) -> None:
+    """An installed distribution ``module`` (a dist-info with one ``mmbench`` entry point) in ``site``."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[mmbench]\n{module} = {module}\n")
+
+
+def test_check_plugin_passes_the_example_and_names_a_merger_that_merges_nothing(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(EXAMPLE)], check=True)
+    _fake_package(target, "keep_base", '''
+import mmbench
+from mmbench.api import Merged, Merger
+
+
+class KeepBase(Merger):
+    name = "keep_base"
+    description = "returns the pretrained weights: merges nothing"
+
+    def merge(self, pretrained, task_vectors, ctx, params):
+        return Merged({k: v.clone() for k, v in pretrained.items()})
+
+
+@mmbench.hookimpl
+def mmbench_register_mergers(register):
+    register(KeepBase())
+''')
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    good = subprocess.run([sys.executable, "-m", "mmbench.cli", "check-plugin", "average"], env=env,
+                          capture_output=True, text=True)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "average: passes the contract on smoke" in good.stdout
+    bad = subprocess.run([sys.executable, "-m", "mmbench.cli", "check-plugin", "keep_base"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1
+    line = next(l for l in bad.stdout.splitlines() if "the clean merge" in l)
+    assert line.startswith("FAIL") and "gain +0.0" in line and "is anything merged?" in line
+    # the example package's own test uses the same check
+    own = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(EXAMPLE / "tests")], env=env, capture_output=True, text=True)
+    assert own.returncode == 0, own.stdout[-2000:]
