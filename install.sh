@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets mmbench up in ./.venv: the Debian Fashion-MNIST package (data of the default
 # preset), the package itself (editable) and Animal-MNIST (installed without its
-# declared tensorflow dependency, which it does not need). `--dev` adds test tools.
+# declared tensorflow dependency, which it does not need). `--dev` adds test tools (and
+# Ray, about 80 MB to download, for the ray executor's test).
 set -euo pipefail
 cd "$(dirname "$0")"
 extras=""

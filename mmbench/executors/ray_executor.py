@@ -153,6 +153,7 @@ class RayExecutor:
             if os.environ.get("RAY_ADDRESS"):  # ... unless the environment names a cluster
                 options = {k: v for k, v in options.items() if k not in ("num_cpus", "include_dashboard")}
         options.update(self.init_options)
+        self._reachable()
         try:
             ray.init(address=self.address or None, **options)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
@@ -160,6 +161,18 @@ class RayExecutor:
             raise UsageError(f"cannot connect to a Ray cluster {where}: {str(exc).splitlines()[0] if str(exc) else exc}"
                              ) from None
         return True
+
+    def _reachable(self, timeout: float = 10) -> None:
+        """A HOST:PORT address that nothing listens on is one line at once (``ray.init``
+        would retry for minutes)."""
+        host, sep, port = (self.address or "").rpartition(":")
+        if not sep or not port.isdigit() or "://" in self.address:
+            return  # "auto", "ray://...", no address: ray.init decides
+        try:
+            socket.create_connection((host, int(port)), timeout).close()
+        except OSError as exc:
+            raise UsageError(f"cannot reach the Ray cluster at {self.address} ({exc.strerror or exc}): is "
+                             "`ray start --head` running there?") from None
 
     # --- the run -------------------------------------------------------------------------
     def execute(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
