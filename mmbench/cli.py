@@ -360,6 +360,71 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def _why_prunable(registry, store, presets: list[str]) -> list[tuple[Path, str]]:
+    """(result file, why it can go) for every stored result that no current cell has: its plugin
+    is not installed, its preset is gone, its key is not what its cell (with its own --set
+    setting) gives now, or it cannot be read."""
+    from .graph import plan
+
+    installed = {(k, n) for k in ("attack", "merger", "defense") for n in registry.names(k)}
+    graphs: dict[tuple[str, str], Any] = {}
+    out = []
+    for name in presets:
+        for r in store.results(name):
+            path = store.result_path(name, r.get("cell", ""))
+            if r.get("status") == "unreadable":
+                out.append((Path(r.get("path", path)), f"unreadable ({r.get('error')})"))
+                continue
+            if name not in registry.names("preset"):
+                out.append((path, f"preset {name!r} is not installed"))
+                continue
+            missing = [f"{k} {r.get(k)}" for k in ("attack", "merger", "defense")
+                       if not (k == "attack" and r.get(k) == "none") and (k, r.get(k)) not in installed]
+            if missing:
+                out.append((path, f"{', '.join(missing)} not installed"))
+                continue
+            setting = r.get("setting") or {}
+            memo = (name, json.dumps(setting, sort_keys=True))
+            if memo not in graphs:
+                try:
+                    graphs[memo] = plan(registry, _preset(registry, name), seeds=sorted(
+                        {x["seed"] for x in store.results(name) if isinstance(x.get("seed"), int)}), overrides=setting)
+                except UsageError as exc:
+                    graphs[memo] = exc
+            graph = graphs[memo]
+            if isinstance(graph, UsageError):
+                out.append((path, f"its setting no longer applies ({graph})"))
+                continue
+            current = {c.id: graph.cell_keys[c] for c in graph.cells}
+            if r.get("cell") not in current:
+                out.append((path, "no current cell has this id"))
+            elif r.get("key") != current[r["cell"]]:
+                out.append((path, "stale: made with other code, parameters or preset content"))
+    return out
+
+
+def cmd_prune(args) -> int:
+    from .store import Store
+
+    registry = load()
+    store = Store(args.store)
+    presets = [args.preset] if args.preset else sorted({p.name for p in (store.root / "results").glob("*")
+                                                        if p.is_dir()})
+    doomed = _why_prunable(registry, store, presets)
+    for path, why in doomed:
+        print(f"{path}: {why}")
+    if not doomed:
+        print("nothing to prune: every stored result is current")
+        return 0
+    if not args.yes:
+        print(f"{len(doomed)} result(s) would be deleted; rerun with --yes to delete them")
+        return 0
+    for path, _ in doomed:
+        path.unlink(missing_ok=True)
+    print(f"deleted {len(doomed)} result(s)")
+    return 0
+
+
 def cmd_check_plugin(args) -> int:
     from .check import check_plugin, render
 
@@ -472,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write nothing; exit 1 (one line per problem) if a cell of the preset's declared "
                             "seeds is stale, failed or not run, or if --out differs from the stored results")
     board.set_defaults(func=cmd_leaderboard)
+
+    prune = sub.add_parser("prune", help="list (and with --yes delete) stored results that no current cell has: "
+                                         "uninstalled plugins, stale keys, unreadable files")
+    prune.add_argument("--preset", default=None, help="default: every preset in the store")
+    prune.add_argument("--store", default=DEFAULT_STORE)
+    prune.add_argument("--yes", action="store_true", help="delete them (without it: only list)")
+    prune.set_defaults(func=cmd_prune)
 
     checker = sub.add_parser("check-plugin", help="run one plugin through the contract on smoke and say what is "
                                                    "wrong in plain words (exit 1 if something is)")

@@ -8,6 +8,7 @@ recomputed; :attr:`RunContext.log` records which were reused and which computed.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import time
@@ -95,13 +96,17 @@ class SharedStages:
                     start = time.perf_counter()
                     self._computing.append((key, label, {}, []))
                     try:
-                        loaded = compute()
+                        with stage_rng(key):
+                            loaded = compute()
                     finally:
                         _, _, _, checkpoints = self._computing.pop()
                     seconds = time.perf_counter() - start
                     self.store.save(key, kind, *loaded, seconds=seconds)
                     for ck in checkpoints:  # the stage is whole: its checkpoints are not needed
                         self.store.discard(ck)
+                    # go on with exactly what another process would load (contiguous CPU copies):
+                    # a computed tensor's memory layout can change later float results
+                    loaded = self.store.load(key) or loaded
         self.log.add(label, seconds)
         if memo:
             self._memo[key] = loaded
@@ -325,6 +330,29 @@ class SharedStages:
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                             split: str = "test") -> float:
         return evaluate_mod.rate(*self.asr_counts(weights, task, trigger, target_class, split))
+
+
+@contextlib.contextmanager
+def stage_rng(key: str):
+    """While a stage computes: torch's, NumPy's and Python's global RNGs seeded from its key, and
+    restored afterwards. A stage that draws from a global RNG (a torchvision augmentation) then
+    draws the same numbers whatever ran before it in the process, and a stage computed inside
+    another one (``ctx.cached``) leaves the outer stage's stream as if it had been loaded."""
+    import random
+
+    import numpy as np
+
+    seed = int(key[:15], 16)
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 class Checkpoint:

@@ -25,7 +25,7 @@ import torch
 
 from . import __version__, faults
 from .api import AttackResult, BoundMerger, Merged, PluginError, StateDict, Trigger
-from .context import RunContext, SharedStages
+from .context import RunContext, SharedStages, stage_rng
 from .evaluate import rate, wilson
 from .graph import NO_ATTACK, Cell, Graph, Stage
 from .plugins import UsageError
@@ -109,7 +109,7 @@ class Worker:
         n_reused, n_computed, n_corrupt = len(log.reused), len(log.computed), len(self.store.corrupt)
         out = Outcome(key, stage.kind, stage.label)
         try:
-            with single_threaded(self.device):
+            with single_threaded(self.device), stage_rng(stage.key):
                 if stage.kind == "cell":
                     out.result = self.cell(stage, force)
                     out.seconds = out.result.get("durations", {}).get("total") if out.result.get("_computed") else None

@@ -185,3 +185,21 @@ def test_parallel_workers_match_a_serial_run(store_copy, tmp_path, capsys):
         assert parallel_results[cell]["environment"]["threads"] == serial_results[cell]["environment"]["threads"] == 1
     kinds = [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")]
     assert kinds.count("plugin:ibvs.injection_vector") == 1
+
+
+def test_prune_lists_then_deletes_what_no_current_cell_has(store_copy, capsys):
+    folder = store_copy / "results" / "smoke"
+    current = sorted(p.name for p in folder.glob("*.json"))
+    ghost = json.loads((folder / "none__ta__none__seed0.json").read_text())
+    ghost.update(cell="none__ghost__none__seed0", merger="ghost")
+    (folder / "none__ghost__none__seed0.json").write_text(json.dumps(ghost))
+    (folder / "none__ta__ibvs__seed0.json").write_text("{ truncated")
+    assert main(["prune", "--store", str(store_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "none__ghost__none__seed0.json: merger ghost not installed" in out
+    assert "none__ta__ibvs__seed0.json: unreadable" in out
+    assert "2 result(s) would be deleted" in out and len(list(folder.glob("*.json"))) == len(current) + 2
+    assert main(["prune", "--store", str(store_copy), "--yes"]) == 0
+    assert sorted(p.name for p in folder.glob("*.json")) == current
+    assert main(["prune", "--store", str(store_copy)]) == 0
+    assert "nothing to prune" in capsys.readouterr().out
