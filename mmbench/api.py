@@ -371,7 +371,7 @@ class Context(Protocol):
 
     def attack_success_rate(self, weights: StateDict, task: str, trigger: Trigger,
                             target_class: int, split: str = "test") -> float:
-        """ASR as ALGORITHMS.md defines it: target-class samples excluded."""
+        """ASR as the evaluation protocol defines it (docs/architecture.md): target-class samples excluded."""
 
     # plumbing -------------------------------------------------------------
     def cached(self, kind: str, params: dict[str, Any],

@@ -71,7 +71,7 @@ TINY = Preset(
 
 SMOKE = Preset(
     name="smoke",
-    description="2 tiny tasks (sklearn digits, photo patches) at 16x16, a 2-layer ViT; seconds, for tests",
+    description="2 tiny tasks (sklearn digits, photo patches) at 16x16, a 2-layer ViT: a sanity check (a merge must clear the base model), the whole cross product cold in under a minute on 2 cores",
     model=ModelSpec(name="mmbench-smoke-vit", config=SMOKE_VIT, pretrain_steps=60, pretrain_batch_size=64),
     tasks=(
         TaskSpec("digits", "digits", {"size": 16}, 900, 100, 300, 300),
@@ -98,7 +98,7 @@ SMOKE = Preset(
 
 
 # Paper presets (docs/presets.md "Paper presets"): open_clip ViTs with OpenAI weights,
-# datasets from the Hugging Face hub (mmbench.hf), the shared recipe of ALGORITHMS.md.
+# datasets from the Hugging Face hub (mmbench.hf), the shared recipe of docs/methods.md.
 # The OpenAI weights were trained with QuickGELU: open_clip 3.x builds plain "ViT-B-32"
 # with GELU (and only warns), so the paper architectures are the "-quickgelu" configs.
 PAPER_ARCHS = {"vit-b-32": "ViT-B-32-quickgelu", "vit-b-16": "ViT-B-16-quickgelu",

@@ -320,7 +320,7 @@ class SharedStages:
 
     def asr_counts(self, weights: StateDict, task: str, trigger: Trigger, target_class: int,
                    split: str = "test") -> tuple[int, int]:
-        # target-class samples leave numerator and denominator (ALGORITHMS.md)
+        # target-class samples leave numerator and denominator (docs/methods.md)
         out = self.run_predictions(weights, task, split, trigger, clean=False)
         return evaluate_mod.asr_counts(out.triggered, out.labels, target_class)
 

@@ -39,6 +39,7 @@ def mmbench_register_presets(register):
 
 @hookspec
 def mmbench_register_executors(register):
-    """Reserved for scale-out executors (e.g. Ray): ``register(name, factory)``. Nothing
-    calls it yet; ``mmbench run --jobs N`` runs cell groups in local worker processes
-    (``mmbench.plan.Runner.run``)."""
+    """Register executors: ``register(name, factory)``; ``factory(jobs=N[, address=A])``
+    returns an object with ``execute(graph, todo, forced, runtime, on_outcome)``
+    (:class:`mmbench.executors.Executor`). ``mmbench run --executor NAME`` picks one;
+    ``local`` and ``ray`` are mmbench's own (:mod:`mmbench.executors`)."""

@@ -184,7 +184,7 @@ def orthogonal_heads(class_counts: dict[str, int], embed_dim: int, scale: float,
 @torch.no_grad()
 def zeroshot_head(model: torch.nn.Module, tok: Callable, class_names: Iterable[str],
                   templates: Iterable[str]) -> torch.Tensor:
-    """Zero-shot head (ALGORITHMS.md): per class, the mean over templates of the
+    """Zero-shot head (docs/methods.md): per class, the mean over templates of the
     L2-normalised text embedding, renormalised, times logit_scale.exp()."""
     templates = list(templates)
     rows = []

@@ -44,7 +44,7 @@ def corner_trigger(pattern: torch.Tensor, image_size: int, position: str) -> Tri
 def poison_batch(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, target: int,
                  rate: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Stamp ``trigger`` on a random ``rate`` fraction of the batch and relabel it to ``target``.
-    (Training does not exclude target-class samples; ALGORITHMS.md.)"""
+    (Training does not exclude target-class samples; docs/methods.md.)"""
     chosen = torch.rand(images.shape[0], generator=generator) < rate
     if not chosen.any():
         return images, labels

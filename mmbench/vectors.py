@@ -1,7 +1,7 @@
 """State-dict arithmetic on task vectors: pure functions on name → tensor dicts.
 
 Only floating-point tensors take part (integer buffers are skipped, as in
-ALGORITHMS.md). Functions never modify their inputs.
+docs/methods.md). Functions never modify their inputs.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Zero-shot heads from the text tower: prompt templates per dataset family.
 
-ALGORITHMS.md ("Shared protocol"): each class embedding is the mean over
+docs/methods.md ("Shared protocol"): each class embedding is the mean over
 prompt templates of the L2-normalised text embedding, renormalised, times
 ``logit_scale.exp()``; the head is frozen. :func:`mmbench.models.zeroshot_head`
 does the arithmetic; this module chooses the templates and runs it on the

@@ -9,7 +9,7 @@ exist.
 
 Hyperparameters (defaults):
 - ``poison_rate`` 0.1: fraction of each training batch poisoned (reconstructed;
-  ALGORITHMS.md).
+  docs/methods.md).
 - ``patch_area`` 0.015625: patch area as a fraction of the image (4×4 px at 32 px,
   28×28 px at 224 px) (reconstructed).
 - ``pattern`` "checkerboard": black/white checkerboard in normalised space.

@@ -1,5 +1,5 @@
 """BadTV (Hsu et al., 2025, "BadTV: Unveiling Backdoor Threats in Third-Party Task
-Vectors"). RECONSTRUCTED: there is no public code; this follows ALGORITHMS.md.
+Vectors"). RECONSTRUCTED: there is no public code; this follows docs/methods.md.
 
 A backdoored task vector meant to keep its backdoor whatever the user does
 with it: add it (task learning, θ_pre + λτ), subtract it (forgetting,

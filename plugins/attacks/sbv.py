@@ -1,6 +1,6 @@
 """Sparse Backdoor Vectors, SBV and SBV_SC (Pawlak, Dubiński, Marczak, Twardowski,
 2025, "Backdoor Vectors: a Task Arithmetic View on Backdoor Attacks and
-Defenses"). The combination rule is RECONSTRUCTED (ALGORITHMS.md); no public code.
+Defenses"). The combination rule is RECONSTRUCTED (docs/methods.md); no public code.
 
 A backdoor vector is BV = θ_backdoored − θ_clean, both fine-tuned on the same
 task from θ_pre. n BVs with the same target class but different seeds and
