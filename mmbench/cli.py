@@ -110,7 +110,10 @@ def cmd_presets(args) -> int:
     for name in registry.names("preset"):
         p = registry.get("preset", name).obj
         print(f"{name}: {p.description}\n  tasks: {', '.join(p.task_names)}; adversary {p.adversary_task}, "
-              f"target class {p.target_class}; model {p.model.name}")
+              f"target class {p.target_class}; model {p.model.name}; seeds {', '.join(map(str, p.seeds))}")
+        if p.plugin_params:
+            print("  sets: " + "; ".join(f"{plugin}." + ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+                                         for plugin, values in sorted(p.plugin_params.items())))
     return 0
 
 

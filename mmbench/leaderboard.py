@@ -29,7 +29,9 @@ KEYS = ["preset", "attack", "merger", "defense"]
 COLUMNS = ["preset", "attack", "merger", "defense", "seed", "status", "acc", "normalized_acc", "asr",
            "asr_lo", "asr_hi", "asr_k", "asr_n",
            "standalone_acc", "standalone_asr", "standalone_clean_acc", "standalone_clean_asr",
-           "d_acc_vs_none", "d_asr_vs_none", "der_vs_none", "d_asr_vs_alone", "seconds", "error"]
+           "d_acc_vs_none", "d_asr_vs_none", "der_vs_none", "d_asr_vs_alone", "seconds", "error",
+           "attack_distribution", "attack_version", "merger_distribution", "merger_version",
+           "defense_distribution", "defense_version"]
 # figures over seeds: plain means of the ok cells, then per-seed (paired) differences
 SUMMARY_STATS = ["acc", "normalized_acc", "asr", "standalone_asr",
                  "d_acc_vs_none", "d_asr_vs_none", "der_vs_none", "d_asr_vs_alone"]
@@ -60,6 +62,9 @@ def row(result: dict[str, Any]) -> dict[str, Any]:
         "standalone_clean_asr": _num(m.get("standalone_clean_asr")),
         "seconds": (result.get("durations") or {}).get("total"),
         "error": result.get("error", ""),
+        # which package made each part of the cell (a third party's plugin, or mmbench's own)
+        **{f"{kind}_{field}": ((result.get("plugins") or {}).get(kind) or {}).get(field, "")
+           for kind in ("attack", "merger", "defense") for field in ("distribution", "version")},
     }
 
 
@@ -82,7 +87,7 @@ def table(results: Iterable[dict[str, Any]], expected: Iterable[tuple] = ()) -> 
     df = pd.DataFrame(rows, columns=COLUMNS)
     if df.empty:
         return df
-    for column in COLUMNS[6:-1]:
+    for column in COLUMNS[6:COLUMNS.index("error")]:
         df[column] = pd.to_numeric(df[column]).astype("Int64" if column in ("asr_k", "asr_n") else float)
     ok = df[(df.status == "ok") & (df.defense == "none")].set_index(["preset", "attack", "merger", "seed"])
     for i, r in df.iterrows():
