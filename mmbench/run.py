@@ -91,6 +91,8 @@ def execute_graph(graph: Graph, cells: list[Cell], store: Store, executor, runti
     report.reused += [s.label for s in graph.stages.values() if s.key in needed_keys and s.key not in pending
                       and s.kind != "cell" and rerun != "never"]
 
+    tracebacks: dict[str, str] = {}  # failed stage label → its traceback
+
     def on_outcome(out) -> None:
         for label in out.reused:
             if label not in report.reused:
@@ -106,6 +108,8 @@ def execute_graph(graph: Graph, cells: list[Cell], store: Store, executor, runti
         if stage.kind != "cell":
             if out.error:
                 report.failed_stages.append((stage.label, out.error))
+                if out.result and out.result.get("traceback"):
+                    tracebacks[stage.label] = out.result["traceback"]
             return
         if out.result and "cell" in out.result:  # the cell's own result (stored by the worker)
             result = out.result
@@ -113,6 +117,10 @@ def execute_graph(graph: Graph, cells: list[Cell], store: Store, executor, runti
             result = failed_result(graph, stage, out.error)
             if out.result and out.result.get("traceback"):
                 result["traceback"] = out.result["traceback"]
+            else:  # not run: the traceback of the stage it needed, which failed
+                for label, tb in tracebacks.items():
+                    if (out.error or "").startswith(f"needs {label}, "):
+                        result["traceback"] = tb
             store.save_result(graph.preset.name, stage.cell.id, result)
         if out.seconds is None and result.get("status") == "ok":
             report.reused.append(f"cell {stage.cell.label}")

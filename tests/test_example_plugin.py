@@ -87,3 +87,56 @@ def mmbench_register_mergers(register):
     own = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           str(EXAMPLE / "tests")], env=env, capture_output=True, text=True)
     assert own.returncode == 0, own.stdout[-2000:]
+
+
+def test_a_plugin_that_raises_fails_only_its_own_cells_and_the_status_says_so(tmp_path, smoke_store):
+    target = tmp_path / "site"
+    target.mkdir()
+    _fake_package(target, "broken_plugins", '''
+import mmbench
+from mmbench.api import Attack, Merger
+
+
+class Boom(Merger):
+    name = "boom"
+
+    def merge(self, pretrained, task_vectors, ctx, params):
+        raise RuntimeError("boom merger is broken")
+
+
+class Kaboom(Attack):
+    name = "kaboom"
+
+    def run(self, ctx, params):
+        raise ValueError("kaboom attack is broken")
+
+
+@mmbench.hookimpl
+def mmbench_register_mergers(register):
+    register(Boom())
+
+
+@mmbench.hookimpl
+def mmbench_register_attacks(register):
+    register(Kaboom())
+''')
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(smoke_store, store)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    done = subprocess.run([sys.executable, "-m", "mmbench.cli", "run", "--preset", "smoke", "--attack", "none",
+                           "--attack", "kaboom", "--merger", "ta", "--merger", "boom", "--defense", "none",
+                           "--store", str(store), "--jobs", "1"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr[-2000:]   # some cells failed: status 1 (docs/architecture.md)
+    results = {p.stem: json.loads(p.read_text()) for p in (store / "results" / "smoke").glob("*.json")}
+    assert results["none__ta__none__seed0"]["status"] == "ok"
+    boom = results["none__boom__none__seed0"]   # its merge stage failed: the cell says so, with the traceback
+    assert boom["status"] == "failed"
+    assert boom["error"] == "needs merge none/boom (seed 0), which failed: RuntimeError: boom merger is broken"
+    assert "boom merger is broken" in boom["traceback"] and "Traceback" in boom["traceback"]
+    for merger in ("ta", "boom"):   # the attack failed once; its cells say why, without running
+        cell = results[f"kaboom__{merger}__none__seed0"]
+        assert cell["status"] == "failed" and "kaboom attack is broken" in cell["traceback"]
+        assert cell["error"] == "needs attack kaboom (seed 0), which failed: ValueError: kaboom attack is broken"
+    assert "failed: attack kaboom (seed 0): ValueError: kaboom attack is broken" in done.stderr
+    assert "traceback in" in done.stdout
