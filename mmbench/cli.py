@@ -222,16 +222,18 @@ def cmd_run(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .estimate import plan_rows, render
+    from .estimate import load_throughput, plan_rows, render
     from .graph import parse_overrides, plan
     from .store import Store
 
+    path = args.throughput if args.throughput is not None else os.environ.get("MMBENCH_THROUGHPUT") or None
+    measured = load_throughput(path) if path else None
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
                  parse_overrides(args.set or [], registry))
     store = Store(args.store)
-    print(render(graph, store, plan_rows(graph, store, registry)))
+    print(render(graph, store, plan_rows(graph, store, registry, measured), measured))
     return 0
 
 
@@ -498,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
     plan.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
     plan.add_argument("--batch-size", type=int, default=None, help="as for run")
+    plan.add_argument("--throughput", default=None, metavar="FILE",
+                      help="GPU throughputs measured by benchmarks/gpu_throughput.py (default: "
+                           "$MMBENCH_THROUGHPUT; none: the assumed figures, marked as such)")
     plan.add_argument("--store", default=DEFAULT_STORE)
     plan.set_defaults(func=cmd_plan)
 

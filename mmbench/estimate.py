@@ -15,6 +15,9 @@ The time model is deliberately simple (docs/presets.md, "Paper presets"):
 Throughputs are ASSUMED figures for one H100-class GPU with bf16 autocast and
 8 DataLoader workers decoding JPEG/PNG images; they were not measured here.
 For ViT-B/32 the loader, not the GPU, is expected to be the bottleneck.
+``mmbench plan --throughput FILE`` (or ``$MMBENCH_THROUGHPUT``) replaces them with the
+figures ``benchmarks/gpu_throughput.py`` measured on a GPU (recorded with the GPU's name);
+an architecture the file lacks keeps its assumed figure, marked as assumed.
 Data download/preparation and loading the OpenAI weights are CPU/network work
 and are shown without a GPU estimate.
 """
@@ -30,9 +33,54 @@ THROUGHPUT: dict[str, tuple[float, float]] = {
     "ViT-L-14": (250.0, 800.0),
 }
 HEADS_SECONDS = 10.0           # text tower over ~1k prompts, plus moving the model
+THROUGHPUT_FORMAT = "mmbench-throughput/1"   # what benchmarks/gpu_throughput.py writes
 
-def arch_throughput(model_name: str) -> tuple[float, float] | None:
-    """(train, eval) images/s for an open_clip model name (``-quickgelu`` ignored); None if unknown."""
+
+@dataclass(frozen=True)
+class Measured:
+    """Throughputs measured by ``benchmarks/gpu_throughput.py``: {arch: (train, eval) img/s}."""
+
+    path: str
+    device: str
+    date: str
+    speeds: dict[str, tuple[float, float]]
+    dry_run: bool = False
+
+    def get(self, model_name: str) -> tuple[float, float] | None:
+        return self.speeds.get(model_name.removesuffix("-quickgelu"))
+
+
+def load_throughput(path: str) -> Measured:
+    """Read a throughput file; a missing or malformed one is a one-line UsageError."""
+    import json
+
+    from .plugins import UsageError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except OSError as exc:
+        raise UsageError(f"--throughput {path}: cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(f"--throughput {path}: not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != THROUGHPUT_FORMAT:
+        raise UsageError(f"--throughput {path}: not a {THROUGHPUT_FORMAT} file (benchmarks/gpu_throughput.py "
+                         "writes one)")
+    speeds: dict[str, tuple[float, float]] = {}
+    for arch, m in (data.get("models") or {}).items():
+        try:
+            train, evaluation = float(m["train_images_per_s"]), float(m["eval_images_per_s"])
+        except (KeyError, TypeError, ValueError):
+            continue  # an architecture that failed (e.g. out of memory) keeps its assumed figure
+        if train > 0 and evaluation > 0:
+            speeds[arch.removesuffix("-quickgelu")] = (train, evaluation)
+    return Measured(str(path), str(data.get("device", "unknown device")), str(data.get("date", "")), speeds,
+                    bool(data.get("dry_run")))
+
+def arch_throughput(model_name: str, measured: Measured | None = None) -> tuple[float, float] | None:
+    """(train, eval) images/s for an open_clip model name (``-quickgelu`` ignored): the measured
+    figure when ``measured`` has one, else the assumed one; None if unknown."""
+    if measured is not None and measured.get(model_name) is not None:
+        return measured.get(model_name)
     return THROUGHPUT.get(model_name.removesuffix("-quickgelu"))
 
 
@@ -78,7 +126,7 @@ def finetune_images(keys, task: str, n_train: int | None) -> int | None:
     return steps * recipe.batch_size
 
 
-def plan_rows(graph, store, registry) -> list[Row]:
+def plan_rows(graph, store, registry, measured: Measured | None = None) -> list[Row]:
     """Every stage of ``graph``, in run order, with cache state and estimate. A plugin's
     part is its own :meth:`~mmbench.api.Attack.estimate` (None: unknown, shown as —)."""
     from .api import Sizes
@@ -87,7 +135,7 @@ def plan_rows(graph, store, registry) -> list[Row]:
 
     preset = graph.preset
     keys = StageKeys(preset)
-    speed = arch_throughput(preset.model.name)
+    speed = arch_throughput(preset.model.name, measured)
 
     def gpu(train_images: float = 0.0, eval_images: float = 0.0) -> float | None:
         if speed is None:
@@ -170,13 +218,13 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def render(graph, store, rows: list[Row]) -> str:
+def render(graph, store, rows: list[Row], measured: Measured | None = None) -> str:
     """The plan as text: one line per stage, then a per-kind summary and the assumptions."""
     from tabulate import tabulate
 
     preset = graph.preset
     cells = graph.cells
-    speed = arch_throughput(preset.model.name)
+    speed = arch_throughput(preset.model.name, measured)
     lines = [f"mmbench plan: preset {preset.name} ({preset.model.name}, {len(preset.task_names)} tasks, "
              f"batch {preset.recipe.batch_size}), store {store.root}",
              f"{len(cells)} cells: {len({c.attack for c in cells})} attacks × {len({c.merger for c in cells})} "
@@ -201,7 +249,14 @@ def render(graph, store, rows: list[Row]) -> str:
     lines.append("")
     lines.append(f"{cached} of {len(rows)} stages cached; estimated GPU time for the rest: "
                  f"{fmt_seconds(sum(todo)) if todo else '—'}")
-    if speed:
+    if speed and measured is not None and measured.get(preset.model.name) is not None:
+        lines.append(f"measured throughput for {preset.model.name} on {measured.device} ({measured.path}, "
+                     f"{measured.date}; bf16, synthetic decoded batches, image decoding not included): "
+                     f"{speed[0]:.0f} img/s fine-tuning, {speed[1]:.0f} img/s evaluation"
+                     + (" — a --cpu-tiny dry run, not a GPU measurement" if measured.dry_run else ""))
+    elif speed:
+        if measured is not None:
+            lines.append(f"{measured.path} has no figure for {preset.model.name}: using the assumed one")
         lines.append(f"assumed throughput for {preset.model.name} on one H100-class GPU (bf16, 8 loader workers): "
                      f"{speed[0]:.0f} img/s fine-tuning, {speed[1]:.0f} img/s evaluation — rough, not measured "
                      f"(mmbench/estimate.py, docs/presets.md)")

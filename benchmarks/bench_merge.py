@@ -1,0 +1,257 @@
+"""Merging at ViT-B-32 scale against the memory-bandwidth bound, peak memory against the inputs,
+and how merge time grows with the number of tasks and the parameters per task.
+
+Inputs are synthetic (benchmarks/common.py): θ_pre and 8 task vectors the shapes of open_clip
+ViT-B-32's image encoder (≈ 87.8M float32 each, 152 tensors). The operations are the plugins'
+own functions, single-threaded as in a stage:
+
+- TA: ``mmbench.vectors.task_arithmetic`` (what the ``ta`` merger returns);
+- TIES: ``ties_merge`` of the ``ties`` merger (k 0.2, sum, λ 0.3);
+- IBVS: ``subtract_backdoor_vector`` (θ_merged − λ·BV_inj);
+- DAM: ``masked_merge`` (θ_pre + m ⊙ Σ_k λ_k τ_k, the merge DAM runs every step), no grad.
+
+The bound of an operation is the bytes it must read and write once (its inputs and its
+output) ÷ the copy bandwidth measured in the same run (a copy of as many bytes, interleaved
+with the merge round by round). Peak memory is measured in a fresh interpreter holding only the
+operation's inputs: their bytes plus what the operation adds above them (VmHWM, reset once the
+inputs are built), ÷ the inputs' bytes.
+
+``MMBENCH_BENCH_LAYERS=N`` scales the blocks down (12 = ViT-B-32) for a quick check.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (best_of, copy_bandwidth, nbytes, paired, params, reset_peak, status_bytes,  # noqa: E402
+                    synthetic_weights, threads, vit_shapes)
+
+LAYERS = int(os.environ.get("MMBENCH_BENCH_LAYERS", "12"))
+TASKS = 8
+GIB = 2 ** 30
+SECTION = "Merging at ViT-B-32 scale"
+OPS = ("ta", "ties", "ibvs", "dam")
+FIXES = {
+    "ta": "`mmbench.vectors.task_arithmetic` clones θ_pre and then adds each τ_k into the whole output "
+          "in turn: 2 + 3K passes over d floats where K + 2 suffice. Accumulate tensor by tensor in "
+          "cache-sized chunks (out[chunk] = θ_pre[chunk] + λ·Σ_k τ_k[chunk]), so the output chunk stays in "
+          "cache while the K task rows stream through once (in `mmbench/vectors.py`, fingerprinted).",
+    "ties": "`ties_merge` reads every task vector four times (two histogram passes for the trim threshold, "
+            "elect, disjoint merge); the bound assumes one. Proposed: find each threshold with one pass "
+            "instead of two 32k/64k-bin `bincount` passes (a 1 % sample brackets the k-th magnitude; one "
+            "pass counts the entries above the bracket and keeps the few inside it, where `kthvalue` picks "
+            "the exact value), and elect and merge each chunk while it is in cache. Both are in "
+            "`mmbench/vectors.py` and `plugins/mergers/ties.py` (fingerprinted), so not made here; the "
+            "elect + merge passes alone stay above the 4× target, so TIES's target needs the fused "
+            "elect-and-merge as well.",
+    "ibvs": "`subtract_backdoor_vector` computes `lam * backdoor_vector[k]` into a temporary and then "
+            "subtracts it: one extra write and read of d floats. `torch.sub(v, bv, alpha=lam)` does it in "
+            "one pass (in `plugins/defenses/ibvs.py`, fingerprinted).",
+    "dam": "`masked_merge` materialises `tensordot(λ, τ)` and `mask * ...` as temporaries per tensor: "
+           "use `torch.addcmul(θ_pre, mask, tensordot(λ, τ))` to drop one (in `plugins/defenses/dam.py`, "
+           "fingerprinted).",
+}
+
+
+def op_inputs(op: str, pre, vectors):
+    """(callable, its inputs as state dicts, bytes read + written once)."""
+    from mmbench.vectors import task_arithmetic
+    from mmbench_plugins.defenses.dam import masked_merge
+    from mmbench_plugins.defenses.ibvs import subtract_backdoor_vector
+    from mmbench_plugins.mergers.ties import ties_merge
+
+    d_bytes = nbytes(pre)
+    k = len(vectors)
+    if op == "ta":
+        return (lambda: task_arithmetic(pre, vectors, 0.3)), [pre, *vectors.values()], (k + 2) * d_bytes
+    if op == "ties":
+        return (lambda: ties_merge(pre, vectors, k=0.2, merge="sum", lam=0.3, workers=1)), \
+            [pre, *vectors.values()], (k + 2) * d_bytes
+    if op == "ibvs":
+        merged = {n: v + 0.3 * vectors["task0"][n] for n, v in pre.items()}
+        bv = vectors["task1"]
+        return (lambda: subtract_backdoor_vector(merged, bv, 1.0)), [merged, bv], 3 * d_bytes
+    if op == "dam":
+        names = list(pre)
+        stacked = {n: torch.stack([vectors[t][n] for t in vectors]) for n in names}
+        mask = {n: torch.rand_like(pre[n]).add_(0.5) for n in names}
+        lambdas = torch.full((k,), 0.3)
+
+        def run():
+            with torch.no_grad():
+                return masked_merge(pre, stacked, lambdas, mask)
+        return run, [pre, stacked, mask], (k + 3) * d_bytes
+    raise ValueError(op)
+
+
+# --- peak memory, in a fresh interpreter -------------------------------------------------------------
+
+def _measure_memory(op: str, layers: int, tasks: int) -> dict:
+    torch.set_num_threads(1)
+    import mmbench.vectors  # noqa: F401  (imports and torch's allocations before the baseline)
+    import mmbench_plugins.defenses.dam  # noqa: F401
+    import mmbench_plugins.defenses.ibvs  # noqa: F401
+    import mmbench_plugins.mergers.ties  # noqa: F401
+    torch.ones(1) + 1
+    gc.collect()
+    baseline = status_bytes("VmRSS")
+    pre, vectors = synthetic_weights(tasks, layers)
+    fn, inputs, _ = op_inputs(op, pre, vectors)
+    del pre, vectors  # only the operation's own inputs stay alive (DAM's step: the stacked copy)
+    gc.collect()
+    input_bytes = nbytes(*inputs)
+    rss = status_bytes("VmRSS")
+    reset = reset_peak()
+    out = fn()
+    peak = status_bytes("VmHWM")
+    del out
+    return {"op": op, "input_bytes": input_bytes, "baseline": baseline, "rss_inputs": rss, "peak": peak,
+            "reset": reset}
+
+
+@pytest.fixture(scope="module")
+def bandwidth():
+    with threads(1):
+        return copy_bandwidth()
+
+
+@pytest.fixture(scope="module")
+def full():
+    with threads(max(1, os.cpu_count() or 1)):
+        inputs = synthetic_weights(TASKS, LAYERS)
+    yield inputs
+    del inputs
+    gc.collect()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_merge_time(benchmark, perf, full, op):
+    pre, vectors = full
+    fn, inputs, moved = op_inputs(op, pre, vectors)
+    # the reference: copying as many bytes (half read, half written) through a 256 MiB buffer,
+    # interleaved with the merge round by round
+    n = 64 * 2 ** 20
+    src, dst = torch.ones(n), torch.zeros(n)  # both touched: no page faults in the timed copies
+    reps = moved / (2 * 4 * n)
+
+    def reference():
+        for _ in range(math.ceil(reps)):
+            dst.copy_(src)
+    with threads(1):
+        subject, ref = paired(benchmark, fn, reference, rounds=2 if op == "ties" else 3, warmup=op != "ties")
+    bound = ref * reps / math.ceil(reps)
+    bandwidth = moved / bound
+    fix = FIXES[op]
+    if op == "ties":  # where the time goes: the per-task trim thresholds against the rest
+        from mmbench.vectors import trim_threshold
+        with threads(1):
+            trim = best_of(lambda: [trim_threshold(v, 0.2) for v in vectors.values()], 1)
+        fix = (f"Measured here: the {len(vectors)} trim thresholds (`kth_largest_magnitude`, two "
+               f"`bincount` passes over 2^15 and 2^16 bins per task) take {trim:.2f} s of the {subject:.2f} s; "
+               f"elect and disjoint merge the other {max(subject - trim, 0):.2f} s "
+               f"({max(subject - trim, 0) / bound:.1f}× the bound). " + fix)
+    ratio = subject / bound
+    d = params(pre)
+    perf.add(id=f"merge-{op}", section=SECTION,
+             what=f"{op.upper() if op != 'ibvs' else 'IBVS subtraction'}{' masked merge' if op == 'dam' else ''}, "
+                  f"{TASKS if op != 'ibvs' else 1} × {d / 1e6:.1f}M float32" + (" (merged, BV)" if op == "ibvs" else ""),
+             measured=f"{subject:.3f} s", reference=f"bound {bound:.3f} s ({moved / GIB:.2f} GiB at "
+                                                      f"{bandwidth / 1e9:.1f} GB/s copy)",
+             ratio=ratio, ratio_label="× the bound", target="≤ 4×", ok=ratio <= 4, fix=fix,
+             note="" if LAYERS == 12 else f"scaled down to {LAYERS} blocks")
+    benchmark.extra_info.update({"bound_seconds": bound, "ratio": ratio, "bytes_moved": moved})
+    del inputs
+    gc.collect()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_merge_peak_memory(perf, op):
+    result = subprocess.run([sys.executable, __file__, "--memory", op, str(LAYERS), str(TASKS)],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    m = json.loads(result.stdout.strip().splitlines()[-1])
+    if not m["reset"]:
+        pytest.skip("VmHWM cannot be reset here (/proc/self/clear_refs): no peak-memory figure")
+    # what the operation adds above its held inputs (VmHWM reset once they were built), plus the inputs
+    peak = m["input_bytes"] + max(0, m["peak"] - m["rss_inputs"])
+    ratio = peak / m["input_bytes"]
+    fixes = {"ibvs": "The output alone is half the inputs (θ_merged and BV_inj are both d floats), so "
+                     "1.5× is the floor for an out-of-place subtraction: subtract in place into the merged "
+                     "weights the merger just returned (they belong to the defense), 1.0× (in "
+                     "`plugins/defenses/ibvs.py`, fingerprinted)."}
+    perf.add(id=f"peak-{op}", section=SECTION,
+             what=f"{op.upper() if op != 'ibvs' else 'IBVS subtraction'}{' masked merge' if op == 'dam' else ''}: "
+                  "peak memory", measured=f"{peak / GIB:.2f} GiB",
+             reference=f"inputs {m['input_bytes'] / GIB:.2f} GiB", ratio=ratio, ratio_label="× the inputs",
+             target="≤ 1.5×", ok=ratio <= 1.5,
+             fix=fixes.get(op, "Merge chunk by chunk into a preallocated output; no whole-size temporaries."))
+
+
+# --- how merge time grows -------------------------------------------------------------------------------
+
+def test_merge_time_vs_tasks_and_params(perf, full, bandwidth):
+    """TA and TIES against the number of tasks (2, 4, 8, 16 at ¼ of ViT-B-32's blocks) and the
+    parameters per task (8 tasks, 1, 3, 6, 12 blocks: subsets of the full inputs)."""
+    from mmbench.vectors import task_arithmetic
+    from mmbench_plugins.mergers.ties import ties_merge
+
+    pre, vectors = full
+    small_layers = max(1, LAYERS // 4)
+    names = list(vit_shapes(small_layers))
+
+    def merge_times(p, vs):
+        ta = best_of(lambda: task_arithmetic(p, vs, 0.3), 2)
+        ties = best_of(lambda: ties_merge(p, vs, k=0.2, merge="sum", lam=0.3, workers=1), 1)
+        return ta, ties, (len(vs) + 2) * nbytes(p) / bandwidth
+
+    with threads(1):
+        # tasks: 16 task vectors of the ¼-size encoder (the first 8 are subsets of the full inputs)
+        gen = torch.Generator().manual_seed(1)
+        small_pre = {n: pre[n] for n in names}
+        many = {t: {n: v[n] for n in names} for t, v in vectors.items()}
+        for k in range(len(many), 16):
+            many[f"task{k}"] = {n: torch.randn(pre[n].shape, generator=gen).mul_(1e-3) for n in names}
+        counts, ta_t, ties_t, bound_t = [2, 4, 8, 16], [], [], []
+        for k in counts:
+            ta, ties, bound = merge_times(small_pre, dict(list(many.items())[:k]))
+            ta_t.append(ta), ties_t.append(ties), bound_t.append(bound)
+        del many
+        gc.collect()
+        layer_counts = sorted({1, small_layers, max(1, LAYERS // 2), LAYERS})
+        sizes, ta_p, ties_p, bound_p = [], [], [], []
+        for layers in layer_counts:
+            keep = list(vit_shapes(layers))
+            p = {n: pre[n] for n in keep}
+            vs = {t: {n: v[n] for n in keep} for t, v in vectors.items()}
+            ta, ties, bound = merge_times(p, vs)
+            sizes.append(params(p)), ta_p.append(ta), ties_p.append(ties), bound_p.append(bound)
+    d_small = params(small_pre)
+    perf.add_series("merge-vs-tasks", x=counts, lines={"TA": ta_t, "TIES": ties_t}, bound=bound_t,
+                    xlabel=f"task vectors merged ({d_small / 1e6:.1f}M params each)",
+                    title=f"merge time vs tasks ({d_small / 1e6:.1f}M float32 per task)")
+    perf.add_series("merge-vs-params", x=[s / 1e6 for s in sizes], lines={"TA": ta_p, "TIES": ties_p},
+                    bound=bound_p, xlabel="parameters per task (millions)", title="merge time vs parameters (8 tasks)")
+    # growth exponents: time ∝ tasks^a, params^b (log-log slope between the ends): linear is 1
+    for name, xs, ys in (("TA vs tasks", counts, ta_t), ("TIES vs tasks", counts, ties_t),
+                         ("TA vs parameters", sizes, ta_p), ("TIES vs parameters", sizes, ties_p)):
+        if xs[-1] == xs[0]:
+            continue
+        slope = math.log(ys[-1] / ys[0]) / math.log(xs[-1] / xs[0])
+        perf.add(id=f"growth-{name}", section="How cost grows", what=f"{name}: growth exponent",
+                 measured=f"{ys[0]:.3f} s → {ys[-1]:.3f} s", reference=f"x {xs[0]:.3g} → {xs[-1]:.3g}",
+                 ratio=slope, ratio_label="(log-log slope; 1 = linear)", target="≤ 1.1 (linear)", ok=slope <= 1.1,
+                 fix="Growth above linear means a pass that is not streamed (a per-task sort or a stacked "
+                     "K × d copy); see the merge's own entry above.")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--memory"]:
+    print(json.dumps(_measure_memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
