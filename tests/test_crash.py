@@ -162,3 +162,43 @@ def test_a_long_stage_resumes_from_its_checkpoint(merger, point, tmp_path):
     assert _results(store) == _results(clean)  # bit for bit: same keys, same metrics
     kinds = [json.loads(p.read_text())["kind"] for p in (store / "artifacts").glob("*/*.json")]
     assert "checkpoint" not in kinds and _leftovers(store) == []
+
+
+def _marked(mark: str) -> list[int]:
+    """pids of live processes whose environment holds ``MMBENCH_TEST_MARK=mark``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"MMBENCH_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_workers_stop_when_the_run_is_killed(tmp_path):
+    """SIGKILL the parent of a --jobs 2 run: its worker processes stop within seconds instead of
+    computing on for nobody (and competing with the rerun for the cores)."""
+    mark = f"{os.getpid()}-{time.time()}"
+    proc = subprocess.Popen([sys.executable, "-m", "mmbench.cli", "run", "--preset", "smoke", "--attack", "none",
+                             "--attack", "badnets", "--merger", "ta", "--defense", "none", "--seed", "0",
+                             "--jobs", "2", "--store", str(tmp_path / "store")],
+                            env=_env(MMBENCH_TEST_MARK=mark), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_marked(mark)) < 3 and time.monotonic() < deadline:  # the run and its two workers
+            time.sleep(0.2)
+        assert len(_marked(mark)) >= 3, "the workers never started"
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 60  # a worker still importing torch stops once it has
+        while _marked(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _marked(mark) == []
+    finally:
+        for pid in _marked(mark):
+            os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ on the store's lock and then load it.
 from __future__ import annotations
 
 import heapq
+import os
 from typing import Any, Callable
 
 from ..execute import Outcome, Runtime
@@ -26,9 +27,24 @@ _graph: Graph | None = None
 _runtime: Runtime | None = None
 
 
-def _init(graph: Graph, runtime: Runtime) -> None:
+def _init(graph: Graph, runtime: Runtime, parent: int) -> None:
     global _graph, _runtime
     _graph, _runtime = graph, runtime
+    _exit_with_parent(parent)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent died (killed, even by SIGKILL) stops at once instead of finishing
+    its stage for nobody: what it had not stored is recomputed by the next run."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="mmbench-parent-watch").start()
 
 
 def _run(key: str, force: bool) -> Outcome:
@@ -89,7 +105,7 @@ class LocalExecutor:
         runtime = replace(runtime, bars=False, tag=runtime.tag or "")
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                                 initargs=(graph, runtime)) as pool:
+                                 initargs=(graph, runtime, os.getpid())) as pool:
             running: dict[Any, str] = {}
             try:
                 while ready or running:
