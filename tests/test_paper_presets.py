@@ -174,7 +174,7 @@ def test_hf_loader_errors_are_one_line(tmp_path):
 
     spec = presets.TaskSpec("x", "hf", {"path": "parquet", "data_files": {"train": str(tmp_path / "none.parquet"),
                                                                         "test": str(tmp_path / "none.parquet")}})
-    with pytest.raises(DataError, match="cannot load parquet"):
+    with pytest.raises(DataError, match="data file .*none.parquet does not exist"):
         hf.load_splits(spec)
     with pytest.raises(DataError, match="unknown hf source_args"):
         hf.load_splits(presets.TaskSpec("x", "hf", {"path": "parquet", "colour": 1}))

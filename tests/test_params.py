@@ -97,10 +97,11 @@ def test_values_are_coerced_and_layered():
     registry = load()
     smoke = registry.get("preset", "smoke").obj
     ties = registry.get("merger", "ties")
-    # defaults, then the preset (smoke sets nothing for ties), then --set
-    assert resolve_params(ties, smoke, {}) == {"k": 0.2, "merge": "sum", "lambda": 0.3}
+    # defaults, then the preset (smoke sets ties.lambda 1.5, nothing else for ties), then --set
+    assert resolve_params(ties, smoke, {}) == {"k": 0.2, "merge": "sum", "lambda": 1.5}
     got = resolve_params(ties, smoke, {"ties": {"k": 1, "merge": "max"}})
-    assert got == {"k": 1.0, "merge": "max", "lambda": 0.3} and type(got["k"]) is float
+    assert got == {"k": 1.0, "merge": "max", "lambda": 1.5} and type(got["k"]) is float
+    assert resolve_params(ties, smoke, {"ties": {"lambda": 1}})["lambda"] == 1.0
     # the smoke preset's own values pass through unchanged: dam.steps 5 stays the int 5
     assert resolve_params(registry.get("defense", "dam"), smoke, {})["steps"] == 5
     sbv = declared(registry.get("attack", "sbv").obj)
@@ -140,9 +141,13 @@ def test_plugins_params_shows_the_declaration(capsys):
 
     tiny_lambda = str(TINY.plugin_params["ta"]["lambda"])
     assert row.split()[:4] == ["lambda", "float", "0.3", "≥"] and row.split()[5] == tiny_lambda  # tiny's override
+    assert main(["plugins", "--params", "dam", "--preset", "smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "preset smoke" in out and next(l for l in out.splitlines() if l.startswith("steps")).split()[5] == "5"
     assert main(["plugins", "--params", "ties", "--preset", "smoke"]) == 0
     out = capsys.readouterr().out
-    assert "'sum' | 'mean' | 'max'" in out and "preset smoke" not in out  # smoke sets nothing for ties
+    assert "'sum' | 'mean' | 'max'" in out and "preset smoke" in out  # smoke sets ties.lambda
+    assert next(l for l in out.splitlines() if l.startswith("lambda")).split()[5] == "1.5"
     assert main(["plugins", "--params", "tie"]) == 2
     line = error_lines(capsys)
     assert len(line) == 1 and "unknown plugin 'tie'" in line[0] and "did you mean 'ties'?" in line[0]
