@@ -255,3 +255,21 @@ def test_merge_time_vs_tasks_and_params(perf, full, bandwidth):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--memory"]:
     print(json.dumps(_measure_memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+
+
+def test_dam_learn_mask_memory_note(perf):
+    """What DAM's mask learning holds at 8 × ViT-B-32, counted from the code (not measured: it needs
+    ViT-B-32 forwards at 224 px, minutes on this CPU)."""
+    d = sum(math.prod(s) for s in vit_shapes(12).values())
+    k = TASKS
+    inputs = (k + 1) * d * 4
+    extra = (k + 7) * d * 4
+    perf.add_open("DAM's mask learning holds a second copy of the task vectors (counted from the code)",
+                  f"`learn_mask` stacks the K task vectors (`torch.stack`, K·d floats) while the caller's K "
+                  f"vectors stay alive, and adds the mask logits, Adam's two moments, their gradient, a sampled "
+                  f"and a rescaled mask and the merged weights (≈ 7·d): at {k} × {d / 1e6:.1f}M float32 that is "
+                  f"≈ {extra / GIB:.1f} GiB above inputs of {inputs / GIB:.1f} GiB, "
+                  f"{(inputs + extra) / inputs:.1f}× the inputs (target ≤ 1.5×), before activations. Proposed: "
+                  "compute `Σ_k λ_k τ_k` per tensor from the caller's vectors (`torch.tensordot` over a "
+                  "per-tensor `torch.stack` made inside `masked_merge`, freed after use) instead of keeping the "
+                  "stacked copy for the whole run: −K·d (in `plugins/defenses/dam.py`, fingerprinted).")

@@ -141,6 +141,29 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     rec.machine = machine()
     m = rec.machine
+    # a partial run (-k, one file) keeps the figures it did not measure from the last run, marked
+    kept = 0
+    previous_json = path.with_suffix(".json")
+    if previous_json.exists():
+        try:
+            previous = json.loads(previous_json.read_text())
+        except ValueError:
+            previous = {}
+        ids = {f.id for f in rec.figures}
+        for old in previous.get("figures", []):
+            if old["id"] not in ids:
+                fig = Figure(**old)
+                if "earlier run" not in fig.note:
+                    fig.note = (fig.note + "; " if fig.note else "") + \
+                        f"from an earlier run, {previous.get('machine', {}).get('date', '?')}"
+                rec.figures.append(fig)
+                kept += 1
+        for name, data in previous.get("series", {}).items():
+            rec.series.setdefault(name, data)
+        titles = {t for t, _ in rec.open_items}
+        rec.open_items += [tuple(o) for o in previous.get("open", []) if o[0] not in titles]
+        if kept and previous.get("suite_seconds"):
+            seconds = previous["suite_seconds"]
     plots = _plots(rec, path.parent)
     lines = [
         "# Performance",
@@ -155,9 +178,13 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
         f"{'yes' if m['cuda'] else 'no GPU'}",
         f"- torch {m['torch']}, Python {m['python']}, {m['platform']}",
         f"- commit {m['commit']}, {m['date']}; load average at the end {m['load_average_at_end']}",
+        "- run: `.venv/bin/python -m pytest benchmarks` (`--perf-doc PATH` writes elsewhere, `--perf-strict` "
+        "fails a missed target, `--perf-cold-log` names the cold tiny run's log; `MMBENCH_BENCH_LAYERS`, "
+        "`MMBENCH_BENCH_PRESET=smoke`, `MMBENCH_BENCH_QUICK=1` shrink it for a quick check).",
         "- CPU measurements run with one intra-op thread, as `mmbench run` runs each stage on a CPU "
         "(docs/architecture.md); the copy bandwidth is one thread's too.",
-        f"- the suite took {seconds / 60:.1f} min.",
+        f"- the whole suite took {seconds / 60:.1f} min" + (f" ({kept} figures kept from an earlier run, "
+                                                           "marked so)." if kept else "."),
         "",
         "## Figures",
         "",
@@ -184,12 +211,16 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
               "What misses its target, or could not be measured here, and the proposed change. Changes "
               "to `mmbench/{train,evaluate,execute,context,data,hf,...}.py` and `plugins/` are proposed, "
               "not made: their source is fingerprinted into the stage keys, so editing them recomputes "
-              "the leaderboard.", ""]
+              "the leaderboard.", "",
+              "Before and after: no measured code path changed in this round (those modules were frozen while "
+              "the leaderboard was being recomputed), so every figure above is the *before*; the *after* of "
+              "each proposal below is this suite rerun once the change is made.", ""]
     n = 0
     for f in figures:
         if f.ok is False:
             n += 1
-            lines.append(f"{n}. **{f.what}**: {f.measured} against {f.reference} ({f.ratio:.3g} {f.ratio_label}; "
+            ratio = "" if f.ratio is None else f"{f.ratio:.3g} {f.ratio_label}; "
+            lines.append(f"{n}. **{f.what}**: {f.measured} against {f.reference} ({ratio}"
                          f"target {f.target}). {f.fix or 'No change proposed yet.'}")
     for title, text in rec.open_items:
         n += 1
