@@ -470,9 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--merger", action="append", help="merger name (repeatable)")
     run.add_argument("--defense", action="append", help="defense name (repeatable)")
     run.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
-    run.add_argument("--rerun", default="missing", choices=["missing", "always", "never"],
-                     help="missing: compute cells without a current result (default); always: recompute "
-                          "the selected cells and their attacks, reusing shared stages; never: only report")
+    run.add_argument("--rerun", default="missing", choices=["missing", "always", "cells", "never"],
+                     help="missing: compute what the store lacks (default); always: recompute the selected "
+                          "cells and their attack and merge stages, reusing shared stages; cells: recompute "
+                          "the selected cells only; never: only report")
     run.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
                      help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
     run.add_argument("--store", default=DEFAULT_STORE)

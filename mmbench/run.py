@@ -4,7 +4,8 @@ plan (:func:`mmbench.graph.plan`) → graph → :func:`execute_graph` → execut
 results. What the store holds is not recomputed: an artifact by its key, a cell by an
 ``ok`` result carrying the cell's current key. ``rerun="always"`` recomputes the selected
 cells and their attack and merge stages (data, base model, heads and clean fine-tunes are
-reused); ``rerun="never"`` computes nothing and reports what is stored.
+reused); ``rerun="cells"`` the selected cells only; ``rerun="never"`` computes nothing and
+reports what is stored.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .graph import Cell, Graph, Stage
 from .plugins import UsageError
 from .store import Store
 
-RERUN = ("missing", "always", "never")
+RERUN = ("missing", "always", "cells", "never")
 
 
 @dataclass
@@ -55,6 +56,8 @@ def to_compute(graph: Graph, store: Store, cells: list[Cell], rerun: str = "miss
     forced: set[str] = set()
     if rerun == "always":
         forced = {s.key for s in needed if s.kind in ("attack", "merge", "cell")}
+    elif rerun == "cells":  # the cells only: a defense or the evaluation changed, the attack did not
+        forced = {s.key for s in needed if s.kind == "cell"}
     # a stored stage is not run, and neither is what only it needed
     live: set[str] = set()
     for stage in reversed(needed):

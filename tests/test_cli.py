@@ -203,3 +203,16 @@ def test_prune_lists_then_deletes_what_no_current_cell_has(store_copy, capsys):
     assert sorted(p.name for p in folder.glob("*.json")) == current
     assert main(["prune", "--store", str(store_copy)]) == 0
     assert "nothing to prune" in capsys.readouterr().out
+
+
+def test_rerun_cells_keeps_the_attack_and_a_chain_runs_in_process(store_copy, capsys):
+    args = ["run", "--preset", "smoke", "--attack", "badnets", "--merger", "ta", "--defense", "none",
+            "--store", str(store_copy)]
+    assert main(args + ["--quiet"]) == 0
+    capsys.readouterr()
+    # one cell to recompute is a chain of one stage: it runs in this process even with --jobs 2
+    # (its "computing" lines reach this process's stderr), and its attack is kept
+    assert main(args + ["--rerun", "cells", "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "computing attack" not in err and "cell badnets/ta/none seed 0" in err.split("computed", 1)[1]
+    assert "reused" in err and "attack badnets (seed 0)" in err.split("computed", 1)[0]

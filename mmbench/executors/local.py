@@ -53,6 +53,19 @@ def _run(key: str, force: bool) -> Outcome:
     return run_stage(_graph, _runtime, key, force)
 
 
+def _width(todo: list[Stage]) -> int:
+    """The most stages of ``todo`` that could run at once, by depth (stages at one depth of the
+    graph never need each other): 1 for a chain, such as a single cell rerun."""
+    depth: dict[str, int] = {}
+    keys = {s.key for s in todo}
+    for stage in todo:  # inputs come first
+        depth[stage.key] = 1 + max((depth[i] for i in stage.inputs if i in keys), default=-1)
+    counts: dict[int, int] = {}
+    for d in depth.values():
+        counts[d] = counts.get(d, 0) + 1
+    return max(counts.values(), default=0)
+
+
 class LocalExecutor:
     name = "local"
 
@@ -61,7 +74,7 @@ class LocalExecutor:
 
     def execute(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
                 on_outcome: Callable[[Outcome], None], registry=None, echo=None) -> None:
-        if self.jobs == 1 or len(todo) <= 1:
+        if self.jobs == 1 or _width(todo) <= 1:  # nothing to run side by side: no worker start-up
             self._serial(graph, todo, forced, runtime, on_outcome, registry, echo)
         else:
             self._parallel(graph, todo, forced, runtime, on_outcome)
