@@ -50,14 +50,14 @@ TINY = Preset(
     # Every value below comes from a rule that uses only what the choosing party can know, on
     # dev splits (docs/presets.md "Selection rules"; re-derive with `mmbench tune`, sweeps in
     # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC
-    # (TA λ 0.7; TIES k 0.3, λ 0.9); the attacker its own model's dev ASR at ≤ 2 points of dev
+    # (TA λ 0.7; TIES k 0.3, λ 0.9; DARE λ 0.9 at its default p 0.5); the attacker its own model's dev ASR at ≤ 2 points of dev
     # ACC (BadNets 30 % poison, the first rate to reach 90 % dev ASR, none kept ACC within
     # 2 points; BadMerging a 4×4 patch, as off-task's default; BadTV an 8×8 patch; SBV's backdoor
     # vectors are BadNets fine-tunes with BadNets' settings). The rest is compute budget,
     # fixed without looking at any result: BadMerging's trigger search, and AdaMerging/DAM
     # with fewer, larger steps than the papers (AdaMerging 100 steps at 5e-3 and 500 at 1e-3
     # give the same dev ACC).
-    plugin_params={"ta": {"lambda": 0.7}, "ties": {"k": 0.3, "lambda": 0.9},
+    plugin_params={"ta": {"lambda": 0.7}, "ties": {"k": 0.3, "lambda": 0.9}, "dare": {"lambda": 0.9},
                    "badnets": {"poison_rate": 0.3},
                    "badmerging": {"patch_area": 0.015625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
                                   "trigger_max_iterations": 20},
@@ -87,8 +87,8 @@ SMOKE = Preset(
     eval_batch_size=512,
     # seconds, not fidelity: the smoke preset exercises every plugin's code path
     # ta and ties: λ chosen by `mmbench tune` on clean dev ACC, seed 0 (docs/tuning/smoke-*.json), so
-    # that the clean merge (dev ACC 34.5 TA, 30.0 TIES) stands well clear of the base model (≈ 11, chance)
-    plugin_params={"ta": {"lambda": 1.0}, "ties": {"lambda": 1.5},
+    # that the clean merge (dev ACC 34.5 TA, 30.0 TIES, 29.0 DARE) stands well clear of the base model (≈ 11, chance)
+    plugin_params={"ta": {"lambda": 1.0}, "ties": {"lambda": 1.5}, "dare": {"lambda": 1.0},
                    "dam": {"steps": 5}, "adamerging": {"steps": 20},
                    "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
                    "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
