@@ -7,7 +7,6 @@ so it holds on a noisy machine; ``conftest.py`` collects them into docs/performa
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
 from pathlib import Path
@@ -60,14 +59,8 @@ def params(state_dict) -> int:
     return sum(t.numel() for t in state_dict.values())
 
 
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# ``with threads(n):`` torch ops with n intra-op threads (TIES's own helper, not a second copy)
+from mmbench_plugins.mergers.ties import _intra_op_threads as threads  # noqa: E402
 
 
 def copy_bandwidth(mib: int = 512, rounds: int = 5) -> float:

@@ -45,3 +45,32 @@ def registrations():
         getattr(pm.hook, hook)(register=registered.append)
         return registered
     return call
+
+
+ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def run_unprivileged(call) -> str:
+    """``call()`` (→ str, never raising) run as the unprivileged user ``nobody`` in a forked child
+    when this is root (root reads and writes any file, so permission tests would be vacuous),
+    else here; its string."""
+    if not ROOT_USER:
+        return call()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, call().encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out

@@ -1,15 +1,14 @@
 """A missing or unreadable local checkpoint or dataset path is one line (UsageError /
 DataError, exit status 2 through the CLI), not a traceback."""
-import os
 from dataclasses import replace
 
 import pytest
+from conftest import ROOT_USER, run_unprivileged
 
 from mmbench.data import DataError
 from mmbench.plugins import UsageError
 from mmbench.presets import ModelSpec, TaskSpec
 
-ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _as_nobody(fn) -> str:
@@ -22,23 +21,7 @@ def _as_nobody(fn) -> str:
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             return f"{type(exc).__name__}: {exc}"
 
-    if not ROOT_USER:
-        return call()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(w, call().encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return out
+    return run_unprivileged(call)
 
 
 @pytest.fixture

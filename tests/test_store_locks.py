@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ROOT_USER, run_unprivileged
 import torch
 
 from mmbench.plugins import UsageError
 from mmbench.store import LockTimeout, Store, StoreError
 
 KEY = "ab" * 32
-ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 fork = multiprocessing.get_context("fork")  # children only lock and append to files: no torch threads
 
 
@@ -211,26 +211,7 @@ def _as_nobody(fn) -> str:
         except Exception as exc:  # noqa: BLE001 - reported to the parent
             return f"raise:{type(exc).__name__}:{exc}"
 
-    if not ROOT_USER:
-        return call()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            os.write(w, call().encode())
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r) as f:
-        out = f.read()
-    os.waitpid(pid, 0)
-    return out
+    return run_unprivileged(call)
 
 
 @pytest.fixture

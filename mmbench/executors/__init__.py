@@ -52,6 +52,62 @@ def waiting(todo: list[Stage]) -> dict[str, set[str]]:
     return {s.key: {i for i in s.inputs if i in keys} for s in todo}
 
 
+class Schedule:
+    """The bookkeeping every executor that runs stages side by side needs: which stages are
+    ready (every input of ``todo`` done; long kinds first, then graph order), and, as each
+    outcome comes back, which stages it unblocks or, when it failed, which ones (transitively)
+    are reported as not run (:func:`skipped`) instead of being started."""
+
+    def __init__(self, todo: list[Stage]) -> None:
+        import heapq
+
+        self._heapq = heapq
+        self.order = {s.key: i for i, s in enumerate(todo)}
+        self.stages = {s.key: s for s in todo}
+        self.blocked = waiting(todo)
+        self.users: dict[str, list[str]] = {k: [] for k in self.stages}
+        for key, needs in self.blocked.items():
+            for i in needs:
+                self.users[i].append(key)
+        self.failed: dict[str, tuple[Stage, str]] = {}
+        self._ready: list[tuple[int, int, str]] = []
+        for key, needs in self.blocked.items():
+            if not needs:
+                self._push(key)
+
+    def _push(self, key: str) -> None:
+        self._heapq.heappush(self._ready, (RANK.get(self.stages[key].kind, 9), self.order[key], key))
+
+    def __bool__(self) -> bool:
+        """Is a stage ready to start?"""
+        return bool(self._ready)
+
+    def pop(self) -> str:
+        return self._heapq.heappop(self._ready)[2]
+
+    def finish(self, out) -> list:
+        """Record ``out`` (an Outcome of a stage of ``todo``); what to report now, in order: ``out``,
+        then a :func:`skipped` outcome for each stage that needed it when it failed."""
+        key = out.key
+        finished = [out]
+        if out.error:  # what needs it (transitively) is reported, not run
+            self.failed[key] = (self.stages[key], out.error)
+            stack = list(self.users[key])
+            while stack:
+                user = stack.pop()
+                if user in self.failed:
+                    continue
+                self.failed[user] = self.failed[key]
+                finished.append(skipped(self.stages[user], *self.failed[key]))
+                stack.extend(self.users[user])
+            return finished
+        for user in self.users[key]:
+            self.blocked[user].discard(key)
+            if not self.blocked[user] and user not in self.failed:
+                self._push(user)
+        return finished
+
+
 @mmbench.hookimpl
 def mmbench_register_executors(register):
     from .local import LocalExecutor

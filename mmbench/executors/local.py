@@ -10,13 +10,12 @@ on the store's lock and then load it.
 """
 from __future__ import annotations
 
-import heapq
 import os
 from typing import Any, Callable
 
 from ..execute import Outcome, Runtime
 from ..graph import Graph, Stage
-from . import RANK, skipped, waiting
+from . import Schedule, skipped
 
 
 class WorkerDied(RuntimeError):
@@ -99,21 +98,7 @@ class LocalExecutor:
         from concurrent.futures.process import BrokenProcessPool
         from dataclasses import replace
 
-        order = {s.key: i for i, s in enumerate(todo)}
-        stages = {s.key: s for s in todo}
-        blocked = waiting(todo)
-        users: dict[str, list[str]] = {k: [] for k in stages}
-        for key, needs in blocked.items():
-            for i in needs:
-                users[i].append(key)
-        ready: list[tuple[int, int, str]] = []
-
-        def push(key: str) -> None:
-            heapq.heappush(ready, (RANK.get(stages[key].kind, 9), order[key], key))
-        for key, needs in blocked.items():
-            if not needs:
-                push(key)
-        failed: dict[str, tuple[Stage, str]] = {}
+        schedule = Schedule(todo)
         workers = min(self.jobs, len(todo))
         runtime = replace(runtime, bars=False, tag=runtime.tag or "")
         context = multiprocessing.get_context("spawn")
@@ -121,33 +106,15 @@ class LocalExecutor:
                                  initargs=(graph, runtime, os.getpid())) as pool:
             running: dict[Any, str] = {}
             try:
-                while ready or running:
-                    while ready and len(running) < workers:
-                        _, _, key = heapq.heappop(ready)
+                while schedule or running:
+                    while schedule and len(running) < workers:
+                        key = schedule.pop()
                         running[pool.submit(_run, key, key in forced)] = key
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for future in done:
-                        key = running.pop(future)
-                        out = future.result()
-                        finished = [out]
-                        if out.error:  # what needs it (transitively) is reported, not run
-                            failed[key] = (stages[key], out.error)
-                            stack = list(users[key])
-                            while stack:
-                                user = stack.pop()
-                                if user in failed:
-                                    continue
-                                failed[user] = failed[key]
-                                finished.append(skipped(stages[user], *failed[key]))
-                                stack.extend(users[user])
-                        for item in finished:
+                        running.pop(future)
+                        for item in schedule.finish(future.result()):
                             on_outcome(item)
-                        if out.error:
-                            continue
-                        for user in users[key]:
-                            blocked[user].discard(key)
-                            if not blocked[user] and user not in failed:
-                                push(user)
             except BaseException as exc:
                 # no new stage starts; running ones finish (every store write is atomic, so
                 # what they leave is complete) and a rerun picks up the rest

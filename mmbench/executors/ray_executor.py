@@ -47,7 +47,6 @@ is in the store; a rerun computes only the rest.
 """
 from __future__ import annotations
 
-import heapq
 import os
 import socket
 import sys
@@ -63,7 +62,7 @@ from ray import exceptions as rex
 from ..execute import Outcome, Runtime
 from ..graph import Graph, Stage
 from ..plugins import UsageError
-from . import RANK, skipped, waiting
+from . import Schedule
 from .local import WorkerDied
 
 PROBE_FILE = ".ray-probe"
@@ -200,29 +199,16 @@ class RayExecutor:
         if self.check_nodes:
             self._probe(graph, graph_ref, store)
         stage_remote = ray.remote(_stage_task)
-        order = {s.key: i for i, s in enumerate(todo)}
-        stages = {s.key: s for s in todo}
-        blocked = waiting(todo)
-        users: dict[str, list[str]] = {k: [] for k in stages}
-        for key, needs in blocked.items():
-            for i in needs:
-                users[i].append(key)
-        ready: list[tuple[int, int, str]] = []
-
-        def push(key: str) -> None:
-            heapq.heappush(ready, (RANK.get(stages[key].kind, 9), order[key], key))
-        for key, needs in blocked.items():
-            if not needs:
-                push(key)
-        failed: dict[str, tuple[Stage, str]] = {}
+        schedule = Schedule(todo)
+        stages, order = schedule.stages, schedule.order
         refs: dict[str, Any] = {}          # key → ObjectRef of its task (kept: dependents get them)
         running: dict[Any, str] = {}       # ObjectRef → key
         last_progress = time.monotonic()
         try:
-            while ready or running:
+            while schedule or running:
                 limit = max(2, 2 * int(ray.cluster_resources().get("CPU", 0)))
-                while ready and len(running) < limit:
-                    _, _, key = heapq.heappop(ready)
+                while schedule and len(running) < limit:
+                    key = schedule.pop()
                     stage = stages[key]
                     rt = gpu_runtime if stage.gpu else cpu_runtime
                     ref = stage_remote.options(name="mmbench-stage", max_retries=self.retries,
@@ -240,26 +226,8 @@ class RayExecutor:
                 done.sort(key=lambda r: order[running[r]])  # inputs before their users
                 for ref in done:
                     key = running.pop(ref)
-                    out = self._outcome(ref, stages[key])
-                    finished = [out]
-                    if out.error:  # what needs it (transitively) is reported, not run
-                        failed[key] = (stages[key], out.error)
-                        stack = list(users[key])
-                        while stack:
-                            user = stack.pop()
-                            if user in failed:
-                                continue
-                            failed[user] = failed[key]
-                            finished.append(skipped(stages[user], *failed[key]))
-                            stack.extend(users[user])
-                    for item in finished:
+                    for item in schedule.finish(self._outcome(ref, stages[key])):
                         on_outcome(item)
-                    if out.error:
-                        continue
-                    for user in users[key]:
-                        blocked[user].discard(key)
-                        if not blocked[user] and user not in failed:
-                            push(user)
         except BaseException:
             # no new stage starts; the driver's tasks end with it (every store write is
             # atomic, so whatever they leave is complete) and a rerun picks up the rest
