@@ -51,7 +51,7 @@ def to_compute(graph: Graph, store: Store, cells: list[Cell], rerun: str = "miss
         raise UsageError(f"--rerun must be one of {', '.join(RERUN)}, not {rerun!r}")
     if rerun == "never":
         return [], set()
-    targets = [graph.cell_keys[c] for c in cells]
+    targets = {graph.cell_keys[c] for c in cells}
     needed = graph.needed(targets)
     forced: set[str] = set()
     if rerun == "always":
@@ -60,12 +60,13 @@ def to_compute(graph: Graph, store: Store, cells: list[Cell], rerun: str = "miss
         forced = {s.key for s in needed if s.kind == "cell"}
     # a stored stage is not run, and neither is what only it needed
     live: set[str] = set()
+    run: set[str] = set()  # each stage's store is looked at once (a cell's result is a JSON read)
     for stage in reversed(needed):
-        if stage.key in targets or stage.key in live:
-            if stage.key in forced or not stored(store, stage):
-                live.add(stage.key)
-                live.update(stage.inputs)
-    todo = [s for s in needed if s.key in live and (s.key in forced or not stored(store, s))]
+        if (stage.key in targets or stage.key in live) and (stage.key in forced or not stored(store, stage)):
+            run.add(stage.key)
+            live.add(stage.key)
+            live.update(stage.inputs)
+    todo = [s for s in needed if s.key in run]
     return todo, forced
 
 
