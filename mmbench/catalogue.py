@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmbench
 
+from pathlib import Path
 from typing import Any
 
 from .presets import ModelSpec, Preset, Recipe, TaskSpec
@@ -24,22 +25,57 @@ SMOKE_VIT = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 
+# The six tasks of ``tiny`` (docs/presets.md "tiny"): real images that install from the package
+# registries. The training images of each are cut into train | dev | pretrain in that order
+# (mmbench.data), so the shipped base's pretraining images (TINY_BASE, n_pretrain) never
+# overlap the train or dev images of ``tiny`` (same n_train and n_dev) or any test image.
+def _tiny_tasks(pretrain: bool) -> tuple[TaskSpec, ...]:
+    def task(name, source, args, n_train, n_dev, n_test, n_pretrain, epochs=None):
+        return TaskSpec(name, source, args, n_train, n_dev, n_test, n_pretrain if pretrain else 0,
+                        None if pretrain else epochs)
+    return (
+        task("fashion_mnist", "fashion_mnist", {"size": 32}, 4000, 500, 1000, 5000),
+        task("animal_mnist", "animal_mnist", {"size": 32}, 4000, 500, 1000, 1500),
+        task("digits", "digits", {"size": 32}, 1000, 200, 450, 140, epochs=15),
+        task("font_letters", "font_letters", {"size": 32, "n_train_per_class": 300, "n_test_per_class": 60},
+             4000, 500, 1000, 3000),
+        task("photo_patches", "photo_patches", {"size": 32, "n_train_per_class": 1200, "n_test_per_class": 300},
+             4000, 500, 1000, 3000),
+        task("texture_patches", "texture_patches", {"size": 32, "n_train_per_class": 1200,
+                                                    "n_test_per_class": 300}, 4000, 500, 1000, 3000),
+    )
+
+
+# How tiny's shipped base model was built (`mmbench pretrain`): CLIP-style contrastive
+# pretraining of the tiny ViT from random initialisation on the six tasks' held-out pretrain
+# images, each captioned with one of its task's prompt templates and class name, then the
+# zero-shot heads from the text tower. Longer than a cold run could afford, as the papers
+# start from released CLIP weights; not a benchmark preset (not registered).
+TINY_BASE = Preset(
+    name="tiny-base",
+    description="the recipe of tiny's shipped base model (mmbench pretrain --preset tiny)",
+    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrain_steps=4000),
+    tasks=_tiny_tasks(pretrain=True),
+    image_size=32,
+    heads="zeroshot",
+)
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+# The shipped file's sha256 (tests/test_pretrain.py checks the file and its recorded recipe).
+TINY_BASE_FILE = WEIGHTS / "tiny-base.safetensors"
+TINY_BASE_SHA256 = ""
+
 TINY = Preset(
     name="tiny",
-    description="3 real 32x32 tasks (Fashion-MNIST, Animal-MNIST, photo patches), tiny open_clip ViT; CPU, about 13 min a seed on 2 cores",
-    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrain_steps=800),
-    tasks=(
-        TaskSpec("fashion_mnist", "fashion_mnist", {"size": 32}, 5000, 500, 1000, 5000),
-        TaskSpec("animal_mnist", "animal_mnist", {"size": 32}, 5000, 500, 1000, 1500),
-        TaskSpec("photo_patches", "photo_patches", {"size": 32, "n_train_per_class": 1200,
-                                                    "n_test_per_class": 300}, 5000, 500, 1000, 5000),
-    ),
+    description="6 real 32x32 tasks (Fashion-MNIST, Animal-MNIST, digits, font letters, photo and texture "
+                "patches), a tiny open_clip ViT from a shipped pretrained base; CPU",
+    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrained=str(TINY_BASE_FILE)),
+    tasks=_tiny_tasks(pretrain=False),
     image_size=32,
-    heads="orthogonal",
+    heads="base",
     # Reconstructed for a tiny base (measured before the project began): a higher lr than the papers' 1e-5 and
     # the patch embedding + first block frozen, so that task vectors do not each rebuild
     # the weak low-level features of a tiny base (that interference collapsed every merge).
-    recipe=Recipe(lr=1e-4, weight_decay=0.1, batch_size=128, epochs=6, schedule="onecycle",
+    recipe=Recipe(lr=1e-4, weight_decay=0.1, batch_size=128, epochs=5, schedule="onecycle",
                   warmup_steps=0, grad_clip=1.0,
                   frozen=("conv1", "class_embedding", "positional_embedding", "ln_pre",
                           "transformer.resblocks.0.")),
@@ -49,16 +85,11 @@ TINY = Preset(
     seeds=(0, 1, 2),  # the published leaderboard: mean and 95 % t-interval over three seeds
     # Every value below comes from a rule that uses only what the choosing party can know, on
     # dev splits (docs/presets.md "Selection rules"; re-derive with `mmbench tune`, sweeps in
-    # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC
-    # (TA λ 0.7; TIES k 0.3, λ 0.9; DARE λ 0.9 at its default p 0.5); the attacker its own model's dev ASR at ≤ 2 points of dev
-    # ACC (BadNets 30 % poison, the first rate to reach 90 % dev ASR, none kept ACC within
-    # 2 points; BadMerging a 4×4 patch, as off-task's default; BadTV an 8×8 patch; SBV's backdoor
-    # vectors are BadNets fine-tunes with BadNets' settings). The rest is compute budget,
+    # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC; the
+    # attacker its own model's dev ASR at ≤ 2 points of dev ACC. The rest is compute budget,
     # fixed without looking at any result: BadMerging's trigger search, and AdaMerging/DAM
-    # with fewer, larger steps than the papers (AdaMerging 100 steps at 5e-3 and 500 at 1e-3
-    # give the same dev ACC).
-    plugin_params={"ta": {"lambda": 0.7}, "ties": {"k": 0.3, "lambda": 0.9}, "dare": {"lambda": 0.9},
-                   "badnets": {"poison_rate": 0.3},
+    # with fewer, larger steps than the papers.
+    plugin_params={"badnets": {"poison_rate": 0.3},
                    "badmerging": {"patch_area": 0.015625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
                                   "trigger_max_iterations": 20},
                    "badmerging_off": {"trigger_epochs": 2, "num_augmentations": 50},
@@ -68,6 +99,9 @@ TINY = Preset(
                    "adamerging": {"steps": 100, "lr": 5e-3},
                    "dam": {"steps": 100, "mask_lr": 3e-3}},
 )
+
+# the shipped base models `mmbench pretrain --preset NAME` rebuilds: preset → (recipe, file)
+BASE_RECIPES: dict[str, tuple[Preset, Path]] = {"tiny": (TINY_BASE, TINY_BASE_FILE)}
 
 SMOKE = Preset(
     name="smoke",

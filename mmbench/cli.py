@@ -6,6 +6,7 @@ data) prints one line and exits with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -439,6 +440,57 @@ def cmd_check_plugin(args) -> int:
     return 1 if any(f.level == "FAIL" for f in findings) else 0
 
 
+def cmd_pretrain(args) -> int:
+    """Rebuild a preset's shipped base model from its recorded recipe and write the file."""
+    from . import catalogue
+    from .keys import canonical_json, file_digest
+
+    if args.preset not in catalogue.BASE_RECIPES:
+        raise UsageError(f"preset {args.preset!r} ships no base model; known: "
+                         f"{', '.join(sorted(catalogue.BASE_RECIPES))}")
+    recipe, shipped = catalogue.BASE_RECIPES[args.preset]
+    out = Path(args.out) if args.out else shipped
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the file to write")
+    if not out.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {out.parent} does not exist")
+    import torch
+
+    from . import models
+    from .context import SharedStages
+    from .store import Store
+
+    torch.set_num_threads(1)  # as every stage: the file's bytes do not depend on the machine's cores
+    shared = SharedStages(recipe, Store(args.store), _device(args.device), quiet=args.quiet)
+    state, info = shared.base()
+    heads = shared.heads()
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    names = {t: shared.task_data(t).class_names for t in recipe.task_names}
+    models.save_base_file(out, visual, info["logit_scale"], {t: h.cpu() for t, h in heads.items()}, names,
+                          recipe.key())
+    print(f"wrote {out}: sha256 {file_digest(out)}; recipe sha256 "
+          f"{hashlib.sha256(canonical_json(recipe.key()).encode()).hexdigest()[:12]}; "
+          f"final contrastive loss {info.get('final_loss', float('nan')):.4f}")
+    return 0
+
+
+def cmd_mechanisms(args) -> int:
+    from . import mechanisms
+    from .store import Store
+
+    registry = load()
+    preset = _preset(registry, args.preset)
+    import torch
+
+    torch.set_num_threads(1)
+    echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    report = mechanisms.measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(mechanisms.text(report))
+    return 0
+
+
 def cmd_findings(args) -> int:
     from . import findings
     from .store import Store
@@ -560,6 +612,25 @@ def build_parser() -> argparse.ArgumentParser:
     checker.add_argument("--preset", default="smoke")
     checker.add_argument("--store", default=None, help="default: a temporary store, removed afterwards")
     checker.set_defaults(func=cmd_check_plugin)
+
+    pretrain = sub.add_parser("pretrain", help="rebuild a preset's shipped base model (image encoder + "
+                                                "zero-shot heads) from its recorded recipe")
+    pretrain.add_argument("--preset", default="tiny")
+    pretrain.add_argument("--out", default=None, help="file to write (default: the file the preset ships)")
+    pretrain.add_argument("--store", default=DEFAULT_STORE, help="where the pretraining stages are cached")
+    pretrain.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    pretrain.add_argument("--quiet", action="store_true")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    mech = sub.add_parser("mechanisms", help="measure what the papers' findings rest on: backdoor-vector "
+                                             "cosines, ASR against λ and against the number of merged tasks")
+    mech.add_argument("--preset", default="tiny")
+    mech.add_argument("--seed", type=int, default=0)
+    mech.add_argument("--store", default=DEFAULT_STORE)
+    mech.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    mech.add_argument("--json", help="also write the figures to this file")
+    mech.add_argument("--quiet", action="store_true")
+    mech.set_defaults(func=cmd_mechanisms)
 
     found = sub.add_parser("findings", help="check the papers' claims against the stored results "
                                             "(reproduced / not reproduced / inconclusive / not measured)")

@@ -169,15 +169,31 @@ class SharedStages:
 
         def compute():
             torch.manual_seed(0)
+            shipped = models.checkpoint_path(spec)
+            if shipped is not None and models.base_file_metadata(shipped) is not None:
+                # a shipped base (``mmbench pretrain``): its image tower; the text tower stays
+                # at its seeded initialisation and is never used (the file carries the heads)
+                model = models.create_clip(spec, load_pretrained=False)
+                visual, logit_scale, _, _, recipe = models.read_base_file(shipped)
+                model.visual.load_state_dict(visual, strict=True)
+                with torch.no_grad():
+                    model.logit_scale.fill_(float(torch.tensor(logit_scale).log()))
+                return dict(model.state_dict()), {"logit_scale": logit_scale, "shipped_recipe": recipe}
             model = models.create_clip(spec)
             info: dict[str, Any] = {}
             if spec.pretrain_steps:
+                from .zeroshot import templates_for
+
                 images, captions = [], []
+                caption_rng = torch.Generator().manual_seed(1)
                 for task in self.preset.task_names:
                     td = self.task_data(task)
                     x, y = td.tensors("pretrain")
                     images.append(x)
-                    captions += [f"a photo of a {td.class_names[int(c)]}." for c in y]
+                    # each image's caption: one of the prompt templates its task's heads average over
+                    templates = templates_for(self.preset.task(task))
+                    pick = torch.randint(0, len(templates), (len(y),), generator=caption_rng).tolist()
+                    captions += [templates[i].format(td.class_names[int(c)]) for i, c in zip(pick, y)]
                 gen = torch.Generator().manual_seed(0)
                 info = models.contrastive_pretrain(model, spec, torch.cat(images), captions, gen,
                                                    progress=lambda it: _faulty(self.progress(it, desc="pretrain base"),
@@ -211,6 +227,18 @@ class SharedStages:
                     raise ValueError("orthogonal heads need the model config's embed_dim")
                 heads = models.orthogonal_heads(counts, embed_dim, info["logit_scale"],
                                                 torch.Generator().manual_seed(0))
+            elif self.preset.heads == "base":
+                shipped = models.checkpoint_path(self.preset.model)
+                if shipped is None or models.base_file_metadata(shipped) is None:
+                    raise ValueError("heads 'base' need the model's pretrained file to be an mmbench base "
+                                     "file (mmbench pretrain)")
+                _, _, heads, names, _ = models.read_base_file(shipped)
+                for t in self.preset.task_names:
+                    have = self.task_data(t).class_names
+                    if t not in heads or list(names.get(t, ())) != list(have):
+                        raise ValueError(f"the base file {shipped} has no head for task {t!r} with its "
+                                         f"classes {list(have)[:4]}...; rebuild it with `mmbench pretrain`")
+                heads = {t: heads[t] for t in self.preset.task_names}
             elif self.preset.heads == "zeroshot":
                 from .zeroshot import build_head
 
@@ -221,7 +249,7 @@ class SharedStages:
                                        device=self.device)
                          for t in self.preset.task_names}
             else:
-                raise ValueError(f"unknown head kind {self.preset.heads!r} (orthogonal | zeroshot)")
+                raise ValueError(f"unknown head kind {self.preset.heads!r} (orthogonal | zeroshot | base)")
             return heads, {"kind": self.preset.heads}
         tensors, _ = self.stage("heads", self.heads_key(), "heads", compute)
         self._memo[memo] = {t: v.to(self.device) for t, v in tensors.items()}

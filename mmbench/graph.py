@@ -8,7 +8,7 @@ Stages, with the stages each one needs (its scheduling inputs)::
 
     data[task]                      –
     base                            data[*] (tiny presets pretrain on the data)
-    heads                           base (+ data[*] for zero-shot heads)
+    heads                           base (+ data[*] for zero-shot heads and a base file's)
     finetune[task, seed]            base, heads, data[task]
     eval-finetuned[seed]            finetune[*, seed]
     attack[name, seed]              finetune[*, seed]
@@ -184,6 +184,8 @@ class StageKeys:
             from .zeroshot import templates_for
             params["templates"] = {t.name: list(templates_for(t)) for t in p.tasks}
             inputs += [self.data(t) for t in p.task_names]
+        elif p.heads == "base":  # read from the base file, checked against the data's class names
+            inputs += [self.data(t) for t in p.task_names]
         return stage_key("heads", params, inputs, plugin=core("heads"))
 
     def finetune(self, task: str, seed: int) -> str:
@@ -329,7 +331,7 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
     data = {t: add(Stage(keys.data(t), "data", f"data[{t}]", task=t)) for t in tasks}
     base = add(Stage(keys.base(), "base", "base", tuple(data.values()) if preset.model.pretrain_steps else (),
                      gpu=bool(preset.model.pretrain_steps)))
-    heads_inputs = (base, *data.values()) if preset.heads == "zeroshot" else (base,)
+    heads_inputs = (base, *data.values()) if preset.heads in ("zeroshot", "base") else (base,)
     heads = add(Stage(keys.heads(), "heads", "heads", heads_inputs, gpu=True))
     cells: list[Cell] = []
     cell_keys: dict[Cell, str] = {}

@@ -197,3 +197,64 @@ def zeroshot_head(model: torch.nn.Module, tok: Callable, class_names: Iterable[s
 def build_encoder(preset: Preset) -> torch.nn.Module:
     """A fresh image encoder module of the preset's architecture (weights to be loaded)."""
     return create_clip(preset.model, load_pretrained=False).visual
+
+
+# --------------------------------------------------------------------------- #
+# shipped base models (``mmbench pretrain``): image tower + heads in one safetensors file
+# --------------------------------------------------------------------------- #
+
+BASE_FORMAT = "mmbench-base/1"
+
+
+def save_base_file(path: str | os.PathLike, visual: StateDict, logit_scale: float,
+                   heads: dict[str, torch.Tensor], class_names: dict[str, Iterable[str]],
+                   recipe: dict) -> None:
+    """Write a base model as the papers release one: the image encoder's weights and, as
+    their zero-shot heads, each task's class embeddings from the text tower (the text tower
+    itself is not needed to fine-tune, merge or evaluate, and is not shipped).
+
+    Keys ``visual.<param>`` and ``head.<task>``; metadata ``format``, ``recipe`` (the
+    canonical JSON of what built it), ``class_names`` and ``logit_scale``. Written to a
+    temporary name and renamed, so an interrupted write leaves no half file."""
+    from safetensors.torch import save_file
+
+    from .keys import canonical_json
+
+    tensors = {f"visual.{k}": v.detach().float().contiguous().clone() for k, v in visual.items()}
+    tensors.update({f"head.{t}": h.detach().float().contiguous().clone() for t, h in heads.items()})
+    meta = {"format": BASE_FORMAT, "recipe": canonical_json(recipe),
+            "class_names": canonical_json({t: list(c) for t, c in class_names.items()}),
+            "logit_scale": repr(float(logit_scale))}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def base_file_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The metadata of an mmbench base file, or None for any other checkpoint."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 -- not a safetensors file: not a base file
+        return None
+    return meta if meta.get("format") == BASE_FORMAT else None
+
+
+def read_base_file(path: str | os.PathLike) -> tuple[StateDict, float, dict[str, torch.Tensor],
+                                                     dict[str, list[str]], dict]:
+    """(image-encoder weights, logit scale, heads, class names per task, recipe) of a base file."""
+    from safetensors.torch import load_file
+
+    meta = base_file_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path} is not an mmbench base file (format {BASE_FORMAT})")
+    tensors = load_file(str(path))
+    visual = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
+    heads = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    return (visual, float(meta["logit_scale"]), heads, json.loads(meta["class_names"]),
+            json.loads(meta["recipe"]))

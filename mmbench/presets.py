@@ -69,7 +69,9 @@ class Preset:
     image_size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    heads: str = "orthogonal"       # orthogonal (fixed random, per-task slices) | zeroshot (text tower)
+    # orthogonal (fixed random, per-task slices) | zeroshot (text tower) | base (the class
+    # embeddings shipped in the model's base file, see `mmbench pretrain`)
+    heads: str = "orthogonal"
     recipe: Recipe = Recipe()
     adversary_task: str = ""
     target_class: int = 0

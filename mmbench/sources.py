@@ -27,9 +27,20 @@ Sources and licences
     photo is the left view of the Middlebury 2014 stereo benchmark (Scharstein
     et al.), redistributed by scikit-image, which states no separate licence
     for it -- see ``PHOTO_NAMES`` if that matters for your use.
+``texture_patches``
+    Crops of ten grey images bundled in the scikit-image wheel that
+    ``photo_patches`` does not use (``TEXTURE_NAMES``).  As documented by
+    scikit-image: brick, grass and gravel (CC0Textures), camera and cell are
+    CC0; clock is public domain; coins and text have "no known copyright
+    restrictions"; for moon and page scikit-image states no licence.
+``font_letters``
+    The 26 capital letters rendered from the TrueType fonts that matplotlib's
+    wheel ships (DejaVu: Bitstream Vera / public-domain changes; STIX: SIL OFL
+    1.1; Computer Modern (BaKoMa): Knuth's licence), with random size, place,
+    rotation, stroke and contrast.
 ``digits``
     scikit-learn's copy of the UCI optical recognition of handwritten digits
-    test set (8x8, CC BY 4.0 on the UCI repository).  Tiny; for unit tests.
+    test set (8x8, CC BY 4.0 on the UCI repository; 1,797 images).
 """
 
 from __future__ import annotations
@@ -55,10 +66,14 @@ __all__ = [
     "fashion_mnist",
     "animal_mnist",
     "photo_patches",
+    "texture_patches",
+    "font_letters",
     "digits",
     "resize_uint8",
     "SOURCES",
     "PHOTO_NAMES",
+    "TEXTURE_NAMES",
+    "LETTERS",
 ]
 
 
@@ -490,6 +505,34 @@ def _photo_boxes(img: np.ndarray, n_train: int, n_test: int, rng: np.random.Gene
     )
 
 
+def _patch_task(name: str, image_names: tuple[str, ...], load: Callable[[str], np.ndarray], size: int,
+                n_train_per_class: int, n_test_per_class: int, seed: int) -> RawTask:
+    """Class ``i`` = random square crops of image ``image_names[i]`` (train crops from the
+    left 70 % of its width, test crops from the right 30 %)."""
+    if n_train_per_class < 1 or n_test_per_class < 1:
+        raise ValueError("n_train_per_class and n_test_per_class must be >= 1")
+    rng = np.random.default_rng(seed)
+    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
+    for label, image_name in enumerate(image_names):
+        img = load(image_name)
+        b_tr, b_te, _ = _photo_boxes(img, n_train_per_class, n_test_per_class, rng)
+        xs_tr.append(_crops_resized(img, b_tr, size))
+        xs_te.append(_crops_resized(img, b_te, size))
+        ys_tr.append(np.full(n_train_per_class, label, dtype=np.int64))
+        ys_te.append(np.full(n_test_per_class, label, dtype=np.int64))
+    x_tr, y_tr = np.concatenate(xs_tr), np.concatenate(ys_tr)
+    x_te, y_te = np.concatenate(xs_te), np.concatenate(ys_te)
+    p_tr, p_te = rng.permutation(len(y_tr)), rng.permutation(len(y_te))
+    return RawTask(
+        name=name,
+        class_names=image_names,
+        train_images=x_tr[p_tr],
+        train_labels=y_tr[p_tr],
+        test_images=x_te[p_te],
+        test_labels=y_te[p_te],
+    )
+
+
 def photo_patches(
     size: int = 32, n_train_per_class: int = 800, n_test_per_class: int = 200, seed: int = 0
 ) -> RawTask:
@@ -509,28 +552,112 @@ def photo_patches(
     stereo benchmark; scikit-image states no licence for it) -- and
     scikit-learn ``load_sample_images`` -- china, flower (CC BY 2.0).
     """
+    return _patch_task("photo_patches", PHOTO_NAMES, _load_photo, size, n_train_per_class,
+                       n_test_per_class, seed)
+
+
+TEXTURE_NAMES = (
+    "brick", "grass", "gravel", "coins", "moon", "camera", "cell", "clock", "page", "text",
+)  # fmt: skip
+
+
+def _load_texture(name: str) -> np.ndarray:
+    """One bundled grey image of ``skimage.data`` as uint8 (H, W, 3); never touches the network."""
+    try:
+        import skimage.data
+
+        img = np.asarray(getattr(skimage.data, name)())
+    except Exception as e:  # noqa: BLE001 -- any failure means the bundled file is unavailable
+        raise SourceError(
+            f"image '{name}' could not be loaded from scikit-image ({type(e).__name__}: {e}): "
+            "install it with `pip install scikit-image`"
+        ) from None
+    if img.dtype != np.uint8 or img.ndim != 2:
+        raise SourceError(f"image '{name}': expected uint8 (H,W), got {img.dtype} {img.shape}")
+    return np.repeat(img[:, :, None], 3, axis=2)
+
+
+def texture_patches(
+    size: int = 32, n_train_per_class: int = 800, n_test_per_class: int = 200, seed: int = 0
+) -> RawTask:
+    """10-class grey task: class ``i`` = random square crops of image ``TEXTURE_NAMES[i]``,
+    cut and split exactly as :func:`photo_patches` (train crops from the left 70 % of the
+    width, test crops from the right 30 %). Sources: see the module docstring."""
+    return _patch_task("texture_patches", TEXTURE_NAMES, _load_texture, size, n_train_per_class,
+                       n_test_per_class, seed)
+
+
+# --------------------------------------------------------------------------- #
+# font_letters (TrueType fonts shipped in matplotlib's wheel)
+# --------------------------------------------------------------------------- #
+
+# Text faces of matplotlib's mpl-data/fonts/ttf (its symbol-only faces are left out).
+LETTER_FONTS = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf", "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf", "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
+    "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmti10.ttf", "cmtt10.ttf",
+)  # fmt: skip
+LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _font_dir() -> Path:
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is None or spec.origin is None:
+        raise SourceError("font_letters needs matplotlib's fonts: `pip install matplotlib`")
+    return Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"
+
+
+def _render_letters(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One image per label: the letter in a random font at a random size, position, rotation
+    and contrast, drawn at 64x64 and resized to ``size`` (antialiased)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    folder = _font_dir()
+    fonts: dict[tuple[str, int], object] = {}
+    canvas = 64
+    out = np.empty((len(labels), canvas, canvas), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        face = LETTER_FONTS[int(rng.integers(len(LETTER_FONTS)))]
+        points = int(rng.integers(28, 49))
+        if (face, points) not in fonts:
+            try:
+                fonts[face, points] = ImageFont.truetype(str(folder / face), points)
+            except OSError as e:
+                raise SourceError(f"font {face} could not be read from {folder} ({e}): "
+                                  "reinstall matplotlib") from None
+        bg, fg = (int(v) for v in rng.integers(0, 256, 2))
+        if abs(fg - bg) < 96:  # keep the letter legible
+            fg = (bg + 128) % 256
+        img = Image.new("L", (canvas * 2, canvas * 2), color=bg)
+        draw = ImageDraw.Draw(img)
+        draw.text((canvas, canvas), LETTERS[int(label)], fill=fg, font=fonts[face, points], anchor="mm")
+        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR, fillcolor=bg)
+        dx, dy = (int(v) for v in rng.integers(-8, 9, 2))
+        left, top = canvas // 2 + dx, canvas // 2 + dy
+        out[i] = np.asarray(img.crop((left, top, left + canvas, top + canvas)))
+    noise = rng.normal(0.0, 8.0, out.shape)
+    out = np.clip(np.rint(out + noise), 0, 255).astype(np.uint8)
+    return resize_uint8(np.repeat(out[..., None], 3, axis=3), size)
+
+
+def font_letters(size: int = 32, n_train_per_class: int = 200, n_test_per_class: int = 50,
+                 seed: int = 0) -> RawTask:
+    """26-class task: the capital letters, rendered from matplotlib's text fonts
+    (``LETTER_FONTS``). Each image draws its font, point size (28-48 on a 64 px canvas),
+    offset (±8 px), rotation (±15°), background and ink grey levels (≥ 96 apart) and
+    Gaussian pixel noise (σ 8); train and test images are independent draws (every font
+    appears in both). Deterministic given the arguments."""
     if n_train_per_class < 1 or n_test_per_class < 1:
         raise ValueError("n_train_per_class and n_test_per_class must be >= 1")
     rng = np.random.default_rng(seed)
-    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
-    for label, name in enumerate(PHOTO_NAMES):
-        img = _load_photo(name)
-        b_tr, b_te, _ = _photo_boxes(img, n_train_per_class, n_test_per_class, rng)
-        xs_tr.append(_crops_resized(img, b_tr, size))
-        xs_te.append(_crops_resized(img, b_te, size))
-        ys_tr.append(np.full(n_train_per_class, label, dtype=np.int64))
-        ys_te.append(np.full(n_test_per_class, label, dtype=np.int64))
-    x_tr, y_tr = np.concatenate(xs_tr), np.concatenate(ys_tr)
-    x_te, y_te = np.concatenate(xs_te), np.concatenate(ys_te)
-    p_tr, p_te = rng.permutation(len(y_tr)), rng.permutation(len(y_te))
-    return RawTask(
-        name="photo_patches",
-        class_names=PHOTO_NAMES,
-        train_images=x_tr[p_tr],
-        train_labels=y_tr[p_tr],
-        test_images=x_te[p_te],
-        test_labels=y_te[p_te],
-    )
+    y_tr = rng.permutation(np.repeat(np.arange(len(LETTERS), dtype=np.int64), n_train_per_class))
+    y_te = rng.permutation(np.repeat(np.arange(len(LETTERS), dtype=np.int64), n_test_per_class))
+    x_tr = _render_letters(y_tr, size, rng)
+    x_te = _render_letters(y_te, size, rng)
+    return RawTask(name="font_letters", class_names=LETTERS, train_images=x_tr, train_labels=y_tr,
+                   test_images=x_te, test_labels=y_te)
 
 
 # --------------------------------------------------------------------------- #
@@ -539,7 +666,7 @@ def photo_patches(
 
 
 def digits(size: int = 16, test_fraction: float = 0.25, seed: int = 0) -> RawTask:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16), for unit tests.
+    """scikit-learn's 8x8 handwritten digits (1,797 images, values 0..16).
 
     Source: ``sklearn.datasets.load_digits`` (bundled with scikit-learn; the
     UCI "Optical Recognition of Handwritten Digits" data, CC BY 4.0).  Scaled
@@ -565,5 +692,7 @@ SOURCES: dict[str, Callable[..., RawTask]] = {
     "fashion_mnist": fashion_mnist,
     "animal_mnist": animal_mnist,
     "photo_patches": photo_patches,
+    "texture_patches": texture_patches,
+    "font_letters": font_letters,
     "digits": digits,
 }

@@ -104,7 +104,8 @@ def test_resize_read_only_input_no_warning():
 
 
 def test_sources_registry():
-    assert set(S.SOURCES) == {"fashion_mnist", "animal_mnist", "photo_patches", "digits"}
+    assert set(S.SOURCES) == {"fashion_mnist", "animal_mnist", "photo_patches", "texture_patches",
+                              "font_letters", "digits"}
     assert all(callable(f) for f in S.SOURCES.values())
 
 
@@ -355,6 +356,68 @@ def test_photo_patches_other_size():
     t = S.photo_patches(size=20, n_train_per_class=5, n_test_per_class=3, seed=7)
     check_task(t, 20)
     assert t.train_images.shape == (50, 20, 20, 3) and t.test_images.shape == (30, 20, 20, 3)
+
+
+# --------------------------------------------------------------------------- texture patches
+
+
+@pytest.fixture(scope="module")
+def textures():
+    return S.texture_patches(n_train_per_class=40, n_test_per_class=10)
+
+
+def test_texture_patches(textures):
+    check_task(textures, 32)
+    assert textures.class_names == S.TEXTURE_NAMES
+    assert not set(S.TEXTURE_NAMES) & set(S.PHOTO_NAMES)  # other images than photo_patches'
+    np.testing.assert_array_equal(np.bincount(textures.train_labels), [40] * 10)
+    np.testing.assert_array_equal(np.bincount(textures.test_labels), [10] * 10)
+    x = textures.train_images
+    assert (x[..., 0] == x[..., 2]).all()  # grey images, replicated to three channels
+    assert_disjoint(textures)
+    assert_same(textures, S.texture_patches(n_train_per_class=40, n_test_per_class=10))
+
+
+@pytest.mark.parametrize("name", S.TEXTURE_NAMES)
+def test_texture_crop_boxes_stay_on_their_side(name):
+    img = S._load_texture(name)
+    train, test, split = S._photo_boxes(img, 200, 200, np.random.default_rng(0))
+    assert (train[:, 1] + train[:, 2] <= split).all() and (test[:, 1] >= split).all()
+
+
+# --------------------------------------------------------------------------- font letters
+
+
+@pytest.fixture(scope="module")
+def letters():
+    return S.font_letters(n_train_per_class=8, n_test_per_class=3)
+
+
+def test_font_letters(letters):
+    check_task(letters, 32, n_classes=26)
+    assert letters.class_names == tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    np.testing.assert_array_equal(np.bincount(letters.train_labels), [8] * 26)
+    np.testing.assert_array_equal(np.bincount(letters.test_labels), [3] * 26)
+    assert_same(letters, S.font_letters(n_train_per_class=8, n_test_per_class=3))
+    other = S.font_letters(n_train_per_class=8, n_test_per_class=3, seed=1)
+    assert not np.array_equal(letters.train_images, other.train_images)
+
+
+def test_font_letters_are_drawn_on_a_plain_background():
+    """Each image is one letter on a flat background: its border is near one grey level,
+    and ink of another level (≥ 96 apart before noise and resizing) covers part of it."""
+    t = S.font_letters(size=32, n_train_per_class=2, n_test_per_class=1)
+    x = t.train_images[..., 0].astype(float)
+    border = np.concatenate([x[:, 0, :], x[:, -1, :], x[:, :, 0], x[:, :, -1]], axis=1)
+    centre = x[:, 8:24, 8:24]
+    assert (border.std(axis=1) < 30).mean() > 0.8  # mostly flat (a rotated or offset letter may touch it)
+    contrast = np.abs(centre - np.median(border, axis=1)[:, None, None]).max(axis=(1, 2))
+    assert (contrast > 50).all()
+
+
+def test_every_letter_font_is_shipped():
+    folder = S._font_dir()
+    assert all((folder / f).is_file() for f in S.LETTER_FONTS)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(8, 16), (28, 32), (37, 32), (64, 32), (128, 20), (352, 32), (100, 100)])

@@ -1,0 +1,162 @@
+"""``mmbench mechanisms``: measure what the papers' findings rest on, on one preset and seed.
+
+Three measurements, each on the test split (they report; nothing is chosen from them):
+
+* **Backdoor-vector geometry** (the Backdoor Vectors paper's transfer analysis): a backdoor
+  vector is BV = θ_backdoored − θ_clean of one task and seed. BadNets fine-tunes with the
+  preset's poisoning are made for the attacker's own setting and for one change at a time —
+  another target class, the trigger in another corner, another task — and IBVS's injected
+  BV is the defender's (its own task, corner, checkerboard phase and poison rate). The
+  table is their pairwise cosine similarity. IBVS can only remove the attacker's backdoor to
+  the extent that the defender's BV points the same way.
+* **Dilution by the merge coefficient** (BadMerging's argument): task arithmetic
+  θ_pre + λ Σ_t τ_t with the attacker's backdoored vector, for λ from 0.1 to 1.0: ASR on the
+  target task and the mean ACC over tasks.
+* **Dilution by the number of merged tasks**: the attacker's vector merged with the first
+  k − 1 other tasks' clean vectors (preset order), k = 1 … all, at the preset's TA λ.
+
+Every fine-tune is a cached stage (the same keys as a run's), so this reuses a leaderboard
+run's stages and a rerun is fast.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any, Callable
+
+from .plugins import UsageError
+
+LAMBDAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def cosine(a: dict, b: dict) -> float:
+    """Cosine similarity of two state dicts flattened over their common keys."""
+    dot = na = nb = 0.0
+    for k in a:
+        if k in b:
+            x, y = a[k].double().flatten(), b[k].double().flatten()
+            dot += float(x @ y)
+            na += float(x @ x)
+            nb += float(y @ y)
+    return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else math.nan
+
+
+def measure(registry, preset, store, device, seed: int,
+            echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """The three measurements of this module's docstring, as JSON-able data."""
+    import torch
+
+    from .context import RunContext
+    from .execute import Runtime, Worker
+    from .graph import plan
+
+    for kind, name in (("attack", "badnets"), ("merger", "ta"), ("defense", "ibvs")):
+        if name not in registry.names(kind):
+            raise UsageError(f"mechanisms needs the {kind} {name!r}, which is not installed")
+    tasks = preset.task_names
+    adversary = preset.adversary_task
+    defender_task = tasks[-1]
+    corner = {"bottom-right": "top-left"}
+
+    shared: list[Any] = []  # one set of loaded stages for every worker
+
+    def worker(badnets: dict[str, Any]) -> Worker:
+        graph = plan(registry, preset, ["badnets"], ["ta"], ["ibvs"], [seed], {"badnets": badnets} if badnets else {})
+        w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
+        if not shared:
+            shared.append(w.shared)
+        w.shared = shared[0]
+        return w
+
+    base = worker({})
+    ctx = RunContext(base.shared, seed)
+    pre = ctx.pretrained()
+    clean = {t: ctx.task_vector(t) for t in tasks}
+    attacker = base.attack("badnets", seed)
+    position = base.graph.params[("attack", "badnets")]["position"]
+    variants: dict[str, dict[str, Any]] = {
+        "attacker": {},
+        "other target": {"target_class": 1 if attacker.target_class != 1 else 2},
+        "other corner": {"position": corner.get(position, "bottom-right")},
+        "other task": {"task": defender_task if defender_task != adversary else tasks[0]},
+    }
+    bvs: dict[str, dict] = {}
+    described: dict[str, dict[str, Any]] = {}
+    for label, change in variants.items():
+        echo(f"  backdoor vector: {label}")
+        result = attacker if not change else worker(change).attack("badnets", seed)
+        bvs[label] = {k: v - clean[result.task][k] for k, v in result.task_vector.items()}
+        described[label] = {"task": result.task, "target_class": result.target_class,
+                            "position": change.get("position", position),
+                            "standalone_asr": result.info["standalone"]["asr"]}
+    # the defender's injected BV, exactly as the ibvs defense makes it (a cached stage)
+    reg = registry.get("defense", "ibvs")
+    ibvs_params = dict(base.graph.params[("defense", "ibvs")])
+    bound = RunContext(base.shared, seed).bind((reg.name, reg.distribution, reg.key_version))
+    # the one place the harness calls into a plugin's module: this tool measures the ibvs
+    # plugin's own injected vector, which its hooks do not expose
+    module = importlib.import_module(type(reg.obj).__module__)
+    if not hasattr(module, "injection_vector"):
+        raise UsageError(f"the installed ibvs ({module.__name__}) has no injection_vector to measure")
+    bv_inj, inj_info = module.injection_vector(bound, ibvs_params)
+    bvs["defender (IBVS)"] = bv_inj
+    described["defender (IBVS)"] = {"task": inj_info["task"], "target_class": inj_info["target_class"],
+                                    "position": inj_info["position"],
+                                    "standalone_asr": inj_info["injection"]["asr"]}
+    names = list(bvs)
+    matrix = [[cosine(bvs[a], bvs[b]) for b in names] for a in names]
+    norms = {n: math.sqrt(sum(float(v.double().pow(2).sum()) for v in bvs[n].values())) for n in names}
+    clean_cos = {n: cosine(bvs[n], clean[described[n]["task"]]) for n in names}
+
+    # dilution: λ and the number of tasks, task arithmetic with the attacker's vector
+    vectors = dict(clean)
+    vectors[attacker.task] = attacker.task_vector
+    trigger, target_task, target = attacker.trigger, attacker.target_task, attacker.target_class
+
+    def merged(lam: float, use: list[str]) -> dict:
+        return {k: pre[k] + lam * sum(vectors[t][k] for t in use) for k in pre}
+
+    def figures(weights: dict, use: list[str]) -> dict[str, float]:
+        asr = base.shared.asr_counts(weights, target_task, trigger, target, "test")
+        accs = {t: base.shared.accuracy(weights, t, "test") for t in use}
+        return {"asr": asr[0] / asr[1], "acc": sum(accs.values()) / len(accs)}
+
+    with torch.no_grad():
+        by_lambda = []
+        for lam in LAMBDAS:
+            echo(f"  TA λ {lam}")
+            by_lambda.append({"lambda": lam, **figures(merged(lam, list(tasks)), list(tasks))})
+        ta_lambda = float(base.graph.params[("merger", "ta")]["lambda"])
+        others = [t for t in tasks if t != attacker.task]
+        by_tasks = []
+        for k in range(1, len(tasks) + 1):
+            use = [attacker.task, *others[:k - 1]]
+            echo(f"  {k} task(s)")
+            by_tasks.append({"tasks": k, "lambda": ta_lambda, **figures(merged(ta_lambda, use), use)})
+    return {"preset": preset.name, "seed": seed, "backdoor_vectors": described, "names": names,
+            "cosine": matrix, "norms": norms, "cosine_with_clean_task_vector": clean_cos,
+            "asr_by_lambda": by_lambda, "asr_by_tasks": by_tasks}
+
+
+def text(report: dict[str, Any]) -> str:
+    """The report as markdown tables."""
+    from tabulate import tabulate
+
+    names = report["names"]
+    lines = [f"# Mechanisms: {report['preset']}, seed {report['seed']}", "",
+             "## Backdoor vectors (BV = θ_backdoored − θ_clean), pairwise cosine", ""]
+    rows = [[n, f"{report['backdoor_vectors'][n]['task']}", report["backdoor_vectors"][n]["position"],
+             report["backdoor_vectors"][n]["target_class"], f"{100 * report['backdoor_vectors'][n]['standalone_asr']:.1f}",
+             f"{report['norms'][n]:.3f}", f"{report['cosine_with_clean_task_vector'][n]:+.3f}"]
+            + [f"{c:+.3f}" for c in row] for n, row in zip(names, report["cosine"])]
+    lines.append(tabulate(rows, headers=["BV", "task", "corner", "target", "ASR alone %", "‖BV‖",
+                                         "cos(BV, τ_task)", *names], tablefmt="github", disable_numparse=True))
+    lines += ["", "## Task arithmetic with the attacker's vector: ASR and mean ACC against λ", ""]
+    lines.append(tabulate([[r["lambda"], f"{100 * r['asr']:.1f}", f"{100 * r['acc']:.1f}"]
+                           for r in report["asr_by_lambda"]],
+                          headers=["λ", "ASR %", "mean ACC %"], tablefmt="github", disable_numparse=True))
+    lines += ["", "## ... against the number of merged tasks (the attacker's first)", ""]
+    lines.append(tabulate([[r["tasks"], r["lambda"], f"{100 * r['asr']:.1f}", f"{100 * r['acc']:.1f}"]
+                           for r in report["asr_by_tasks"]],
+                          headers=["tasks", "λ", "ASR %", "mean ACC %"], tablefmt="github", disable_numparse=True))
+    return "\n".join(lines)
