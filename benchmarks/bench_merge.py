@@ -90,7 +90,7 @@ def op_inputs(op: str, pre, vectors):
         def run():
             with torch.no_grad():
                 return masked_merge(pre, stacked, lambdas, mask)
-        return run, [pre, stacked, mask], (k + 3) * d_bytes
+        return run, [pre, *vectors.values(), mask], (k + 3) * d_bytes
     raise ValueError(op)
 
 
@@ -107,7 +107,7 @@ def _measure_memory(op: str, layers: int, tasks: int) -> dict:
     baseline = status_bytes("VmRSS")
     pre, vectors = synthetic_weights(tasks, layers)
     fn, inputs, _ = op_inputs(op, pre, vectors)
-    del pre, vectors  # only the operation's own inputs stay alive (DAM's step: the stacked copy)
+    del pre, vectors  # only the operation's own inputs stay alive
     gc.collect()
     input_bytes = nbytes(*inputs)
     rss = status_bytes("VmRSS")
