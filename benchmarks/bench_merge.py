@@ -79,17 +79,18 @@ def op_inputs(op: str, pre, vectors):
     if op == "ibvs":
         merged = {n: v + 0.3 * vectors["task0"][n] for n, v in pre.items()}
         bv = vectors["task1"]
-        return (lambda: subtract_backdoor_vector(merged, bv, 1.0)), [merged, bv], 3 * d_bytes
+        # in place into the merge, as the defense runs it (it owns the merged weights)
+        return (lambda: subtract_backdoor_vector(merged, bv, 1.0, in_place=True)), [merged, bv], 3 * d_bytes
     if op == "dam":
         names = list(pre)
-        stacked = {n: torch.stack([vectors[t][n] for t in vectors]) for n in names}
+        stacked = {n: [vectors[t][n] for t in vectors] for n in names}  # stacked per tensor inside
         mask = {n: torch.rand_like(pre[n]).add_(0.5) for n in names}
         lambdas = torch.full((k,), 0.3)
 
         def run():
             with torch.no_grad():
                 return masked_merge(pre, stacked, lambdas, mask)
-        return run, [pre, stacked, mask], (k + 3) * d_bytes
+        return run, [pre, *vectors.values(), mask], (k + 3) * d_bytes
     raise ValueError(op)
 
 
@@ -106,7 +107,7 @@ def _measure_memory(op: str, layers: int, tasks: int) -> dict:
     baseline = status_bytes("VmRSS")
     pre, vectors = synthetic_weights(tasks, layers)
     fn, inputs, _ = op_inputs(op, pre, vectors)
-    del pre, vectors  # only the operation's own inputs stay alive (DAM's step: the stacked copy)
+    del pre, vectors  # only the operation's own inputs stay alive
     gc.collect()
     input_bytes = nbytes(*inputs)
     rss = status_bytes("VmRSS")

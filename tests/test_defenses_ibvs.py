@@ -112,3 +112,17 @@ def test_unknown_task_is_a_plugin_error():
 
     with pytest.raises(PluginError, match="not a task"):
         defend(FakeContext(), {}, task="nope")
+
+
+def test_subtract_backdoor_vector_in_place_spares_shared_tensors():
+    pre = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
+    own = torch.tensor([3.0, 4.0])
+    bv = {"w": torch.tensor([1.0, 1.0]), "b": torch.tensor([0.25])}
+    merged = {"w": own, "b": pre["b"]}  # "b" is θ_pre's own tensor, as a lazy merger might return it
+    out = subtract_backdoor_vector(merged, bv, 2.0, in_place=True, keep=pre)
+    assert out["w"] is own and torch.equal(own, torch.tensor([1.0, 2.0]))  # in place
+    assert torch.equal(out["b"], torch.tensor([0.0])) and torch.equal(pre["b"], torch.tensor([0.5]))
+    assert torch.equal(bv["w"], torch.tensor([1.0, 1.0]))
+    half = {"w": torch.tensor([1.0, 2.0]).half()}  # the float32 vector would change its dtype
+    out = subtract_backdoor_vector(half, bv, 1.0, in_place=True)
+    assert out["w"].dtype == torch.float32 and half["w"].dtype == torch.float16

@@ -210,3 +210,41 @@ def test_plugin_rejects_bad_parameters(params):
 def test_hook_matches_the_hookspec(registrations):
     registered = registrations(ties, "mmbench_register_mergers")
     assert [type(p) for p in registered] == [ties.Ties]
+
+
+# --- the one-pass threshold: sample bracket, count above, kthvalue inside ---------------------
+
+def _reference_kth(tensors, k):
+    return float(torch.cat([x.reshape(-1).float().abs() for x in tensors]).sort(descending=True).values[k - 1])
+
+
+@pytest.mark.parametrize("step", (1, 3, 211))
+def test_kth_largest_magnitude_bracketed_pass_is_exact(step):
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(3000, generator=g) * 1e-3, torch.randn(37, 11, generator=g),
+               torch.tensor([0.0, -0.0, 1e-42, -1e-42, 5.0, -5.0, 5.0] * 50),  # zeros, denormals, ties
+               torch.randn(500, generator=g).half(), torch.randn(400, generator=g).round()]  # many ties
+    n = sum(t.numel() for t in tensors)
+    for k in (1, 2, 3, 4, 17, 500, 1000, n // 5, n // 2, n - 3, n):
+        got = ties.kth_largest_magnitude(tensors, k, step=step, direct_below=0)
+        assert got == _reference_kth(tensors, k), (k, step)
+        assert got == torch.kthvalue(torch.cat([x.reshape(-1).float().abs() for x in tensors]),
+                                     n - k + 1).values.item()
+
+
+def test_kth_largest_magnitude_all_zero_and_constant():
+    for value in (0.0, -2.5):
+        tensors = [torch.full((700,), value), torch.full((3, 5), value)]
+        for k in (1, 300, 715):
+            assert ties.kth_largest_magnitude(tensors, k, direct_below=0) == abs(value)
+            assert ties.kth_largest_magnitude(tensors, k) == abs(value)
+
+
+def test_kth_largest_magnitude_falls_back_when_the_bracket_misses(monkeypatch):
+    import mmbench.vectors as vectors
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(5000, generator=g), torch.randn(20, 30, generator=g)]
+    for bracket in ((3.0, 4.0), (0.0, 1e-6), (10.0, 20.0)):  # wrong brackets: too high, too low
+        monkeypatch.setattr(vectors, "_bracket", lambda *a, b=bracket: b)
+        for k in (1, 100, 2500, 5600):
+            assert ties.kth_largest_magnitude(tensors, k, direct_below=0) == _reference_kth(tensors, k)

@@ -110,15 +110,22 @@ def mask_task_vectors(task_vectors: dict[str, StateDict], mask: StateDict) -> di
             for task, vector in task_vectors.items()}
 
 
-def masked_merge(pretrained: StateDict, stacked: StateDict, lambdas: torch.Tensor, mask: StateDict) -> StateDict:
+def masked_merge(pretrained: StateDict, stacked: dict[str, Any], lambdas: "torch.Tensor",
+                 mask: StateDict) -> StateDict:
     """θ = θ_pre + Σ_k λ_k (m ⊙ τ_k) = θ_pre + m ⊙ Σ_k λ_k τ_k.
 
-    ``stacked[name]`` is (K, ...) = the K task vectors' tensor ``name``; names of
-    ``pretrained`` missing from ``stacked`` stay at θ_pre. Differentiable in λ and m.
+    ``stacked[name]`` is the K task vectors' tensor ``name``: a (K, ...) tensor, or a sequence of
+    the K tensors, stacked here one tensor at a time and freed after use (so the caller need not
+    hold a stacked K·d copy of its task vectors). Names of ``pretrained`` missing from ``stacked``
+    stay at θ_pre. Differentiable in λ and m.
     """
+    import torch
+
     out = dict(pretrained)
     for name, vectors in stacked.items():
-        out[name] = pretrained[name] + mask[name] * torch.tensordot(lambdas, vectors, dims=1)
+        rows = vectors if isinstance(vectors, torch.Tensor) else torch.stack(list(vectors))
+        out[name] = pretrained[name] + mask[name] * torch.tensordot(lambdas, rows, dims=1)
+        del rows
     return out
 
 
@@ -168,7 +175,9 @@ def learn_mask(ctx: Context, pretrained: StateDict, task_vectors: dict[str, Stat
     if not names:
         raise PluginError("dam: every task vector is zero; there is nothing to mask")
     pre = {k: v.to(device) for k, v in pretrained.items()}
-    stacked = {n: torch.stack([task_vectors[t][n].to(device, pre[n].dtype) for t in tasks]) for n in names}
+    # per tensor, the K task vectors (no copy where they are already on the device in θ_pre's dtype):
+    # masked_merge stacks one tensor at a time, so no K·d stacked copy is held for the whole run
+    stacked = {n: [task_vectors[t][n].to(device, pre[n].dtype) for t in tasks] for n in names}
     init = float(params["initial_logits"])
     mask_names = ("ts", "bd") if params["masks"] == "dual" else ("ts",)
     logits = {m: {n: torch.full_like(pre[n], init, requires_grad=True) for n in names} for m in mask_names}
@@ -176,7 +185,8 @@ def learn_mask(ctx: Context, pretrained: StateDict, task_vectors: dict[str, Stat
     lambda_init = torch.full((len(tasks),), float(params["lambda_init"]), device=device)
     lambdas = lambda_init.clone().requires_grad_(True)
     lambda_opt = torch.optim.Adam([lambdas], lr=float(params["lambda_lr"]))
-    image_shape = ctx.data(tasks[0]).tensors(params["split"])[0].shape[1:]
+    # the image shape from one streamed image (tensors(split) would decode and hold the whole split)
+    image_shape = next(iter(ctx.data(tasks[0]).batches(params["split"], 1)))[0].shape[1:]
     deltas = torch.zeros((len(tasks), *image_shape), device=device, requires_grad=True)
     delta_opt = torch.optim.Adam([deltas], lr=float(params["perturbation_lr"]))
     batches = {t: _endless(ctx, t, params["split"], int(params["batch_size"])) for t in tasks}
@@ -244,7 +254,7 @@ def learn_mask(ctx: Context, pretrained: StateDict, task_vectors: dict[str, Stat
     k = len(tasks)
     info = {
         "steps": steps, "tasks": tasks, "masked_tensors": len(names),
-        "masked_entries": int(sum(stacked[n][0].numel() for n in names)),
+        "masked_entries": int(sum(pre[n].numel() for n in names)),
         "lambda_last": [float(v) for v in lambdas.detach().cpu()],
         "final_losses": {  # per task, means over the last 10% of steps
             "entropy_clean": sum(h[0] for h in tail) / len(tail) / k,

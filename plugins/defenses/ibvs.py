@@ -52,9 +52,28 @@ from mmbench.vectors import norm
 from mmbench.triggers import POSITIONS, badnets_finetune, make_trigger
 
 
-def subtract_backdoor_vector(weights: StateDict, backdoor_vector: StateDict, lam: float) -> StateDict:
-    """θ − λ·BV; tensors the vector lacks are copied unchanged (inputs untouched)."""
-    return {k: (v - lam * backdoor_vector[k] if k in backdoor_vector else v.clone()) for k, v in weights.items()}
+def subtract_backdoor_vector(weights: StateDict, backdoor_vector: StateDict, lam: float,
+                             *, in_place: bool = False, keep: StateDict | None = None) -> StateDict:
+    """θ − λ·BV in one pass per tensor (``torch.sub(θ, BV, alpha=λ)``); tensors the vector lacks are
+    copied unchanged. Out of place (inputs untouched) unless ``in_place``: then each tensor of
+    ``weights`` is overwritten (``θ.sub_(BV, alpha=λ)``) and returned, except where that is not
+    safe: a tensor sharing memory with one of ``keep`` (e.g. a merger that returned θ_pre's own
+    tensor), or whose dtype the subtraction would change, gets a new tensor instead."""
+    import torch
+
+    kept = {t.untyped_storage().data_ptr() for sd in (keep or {}, backdoor_vector)
+            for t in sd.values() if isinstance(t, torch.Tensor)}
+    out: StateDict = {}
+    for k, v in weights.items():
+        if k not in backdoor_vector:
+            out[k] = v if in_place else v.clone()
+        elif (in_place and v.untyped_storage().data_ptr() not in kept
+              and torch.result_type(v, backdoor_vector[k]) == v.dtype
+              and torch.broadcast_shapes(v.shape, backdoor_vector[k].shape) == v.shape):
+            out[k] = v.sub_(backdoor_vector[k], alpha=lam)
+        else:
+            out[k] = torch.sub(v, backdoor_vector[k], alpha=lam)
+    return out
 
 
 def injection_vector(ctx: Context, params: dict[str, Any]) -> tuple[StateDict, dict[str, Any]]:
@@ -110,7 +129,14 @@ class InjectionBackdoorVectorSubtraction(Defense):
         backdoor_vector, info = injection_vector(ctx, params)
         lam = float(params["lambda"])
         merged = merger(pretrained, task_vectors)
-        return Merged(subtract_backdoor_vector(merged.weights, backdoor_vector, lam),
+        # The merge is this call's own: the merger computed it for this call, or the harness
+        # loaded it from the store as a fresh copy (merge stages are not kept in memory,
+        # mmbench/execute.py), so subtract in place: no second model-sized buffer. A merger
+        # may still hand back θ_pre's or a task vector's own tensors: those are not written.
+        weights = subtract_backdoor_vector(merged.weights, backdoor_vector, lam, in_place=True,
+                                           keep={**pretrained, **{f"{t}/{n}": v for t, tv in task_vectors.items()
+                                                                  for n, v in tv.items()}})
+        return Merged(weights,
                       {"merger": merged.info, "lambda": lam, "injection_vector": info})
 
 

@@ -38,11 +38,16 @@ Reconstructed / this implementation's choices:
   as are float tensors of θ_pre that have no task-vector entry.
 
 Scale: :func:`ties_merge` streams. Each task's trim threshold is an exact
-selection by two histogram passes over float32 bit patterns
-(:func:`kth_largest_magnitude`); elect and disjoint merge then run tensor by
-tensor over chunks of ``chunk_size`` coordinates, one task row at a time.
+selection in one pass (:func:`kth_largest_magnitude`: a strided sample
+brackets the k-th magnitude, the pass counts the entries above the bracket
+and keeps the few inside it, ``kthvalue`` picks the value); elect and
+disjoint merge then run fused, tensor by tensor over chunks of
+``chunk_size`` coordinates: each chunk's K trimmed rows are summed for the
+sign and merged while in cache. Where a chunk's sum is 0 the merge takes +1
+provisionally; the few coordinates the whole vector's majority sign could
+change are redone at the end. Results are bit-identical to the three steps.
 Nothing of size K·d is ever stacked, there is no sort and no float64 copy:
-the extra memory is the output, one int8 sign per coordinate and a few chunks.
+the extra memory is the output and a few chunks.
 A few worker threads share the tasks and tensors (benchmarks/bench_ties.py:
 8 × ViT-B-32 image encoders).
 """
@@ -104,39 +109,75 @@ def ties_merge(pretrained: Mapping[str, torch.Tensor], task_vectors: Mapping[str
                 raise ValueError(f"{n}: task vector shape {tuple(tv[n].shape)} != {tuple(pretrained[n].shape)}")
     workers = workers or torch.get_num_threads()
 
-    def chunks(name: str):
-        """(coordinates, one row per task) of tensor ``name``, chunk by chunk."""
-        flat = [tv[name].reshape(-1) for tv in vectors]
-        for start in range(0, flat[0].numel(), chunk_size):
-            where = slice(start, start + chunk_size)
-            yield where, [f[where] for f in flat]
+    flats = {n: [tv[n].reshape(-1) for tv in vectors] for n in names}
 
-    def elect_tensor(name: str) -> tuple[torch.Tensor, float]:
-        signs = torch.empty(pretrained[name].numel(), dtype=torch.int8)
-        total = 0.0
-        for where, rows in chunks(name):
-            s = elect_rows(rows, thresholds)
-            signs[where] = s.to(torch.int8)
-            total += float(s.sum())
-        return signs, total
-
-    def merge_tensor(name: str) -> torch.Tensor:
+    def merge_tensor(name: str) -> tuple[torch.Tensor, float, list[torch.Tensor]]:
+        """Elect and disjoint-merge tensor ``name`` chunk by chunk, each chunk's K trimmed rows
+        used by both while in cache. Where the elected sign is 0 (Σ_k T̂_k = 0) the merge
+        provisionally takes +1; returns (θ_pre + λ·merged, Σ s, the coordinates the majority
+        sign could still change)."""
         weight = pretrained[name]
-        merged = torch.empty(weight.numel(), dtype=torch.float32)
-        for where, rows in chunks(name):
-            s = fill_zero_signs(signs[name][where].float(), majority)
-            merged[where] = disjoint_merge_rows(rows, s, thresholds, merge)
-        return (weight.float() + lam * merged.view_as(weight)).to(weight.dtype)
+        w_flat = weight.reshape(-1)
+        out = torch.empty(weight.numel(), dtype=weight.dtype)
+        rows_of = flats[name]
+        sign_total = 0.0
+        pending: list[torch.Tensor] = []
+        for start in range(0, weight.numel(), chunk_size):
+            where = slice(start, start + chunk_size)
+            trimmed = [F.hardshrink(f[where].float(), cut) for f, cut in zip(rows_of, cuts)]
+            total = trimmed[0].clone()
+            for t in trimmed[1:]:
+                total.add_(t)
+            s = torch.sign(total)  # elect, as elect_rows
+            nonzero = int(torch.count_nonzero(s))
+            sign_total += float(s.sum())
+            s_fill = s.masked_fill_(total == 0, 1.0) if nonzero < s.numel() else s
+            combined = torch.zeros_like(s_fill)  # disjoint merge, as disjoint_merge_rows
+            count = torch.zeros_like(s_fill) if merge == "mean" else None
+            for t in trimmed:
+                # |T̂_k| where T̂_k ≠ 0 agrees with the sign (= agreeing_magnitudes(row, s, threshold))
+                magnitudes = F.threshold(t.mul_(s_fill), 0.0, 0.0)
+                if merge == "max":
+                    torch.maximum(combined, magnitudes, out=combined)
+                else:
+                    combined.add_(magnitudes)
+                if count is not None:
+                    count.add_(magnitudes > 0)
+            if nonzero < s.numel():
+                # a zero sum with a surviving entry has a positive one (a sum of entries of one sign
+                # is never 0), so combined > 0 there under the provisional +1; a zero θ_pre entry
+                # would take the sign of λ·(±0): both wait for the majority sign
+                zero = total == 0
+                w = w_flat[where]
+                suspect = zero & ((combined > 0) | (w == 0))
+                if bool(suspect.any()):
+                    pending.append(suspect.nonzero().reshape(-1).add_(start))
+            if count is not None:
+                combined.div_(count.clamp_(min=1))
+            merged = combined.mul_(s_fill)
+            out[where] = (w_flat[where].float() + lam * merged).to(weight.dtype)
+        return out, sign_total, pending
+
+    def fix_pending(name: str, where: torch.Tensor, out: torch.Tensor) -> None:
+        """Redo coordinates whose elected sign was 0 with the majority sign, as the unfused steps."""
+        rows = [f[where] for f in flats[name]]
+        s = fill_zero_signs(torch.zeros(where.numel()), majority)
+        merged = disjoint_merge_rows(rows, s, thresholds, merge)
+        out[where] = (pretrained[name].reshape(-1)[where].float() + lam * merged).to(out.dtype)
 
     with _intra_op_threads(1), ThreadPoolExecutor(workers) as pool:
         # 1. one threshold per task, over its whole vector
         thresholds = list(pool.map(lambda tv: trim_threshold({n: tv[n] for n in names}, k), vectors))
-        # 2. elect: one int8 sign per coordinate, and Σ s for the majority sign
-        elected = dict(zip(names, pool.map(elect_tensor, names)))
-        signs = {n: s for n, (s, _) in elected.items()}
-        majority = _sign(sum(total for _, total in elected.values()))
-        # 3. + 4. disjoint merge, θ_pre + λ·merged
-        merged = dict(zip(names, pool.map(merge_tensor, names)))
+        cuts = [_just_below(t) for t in thresholds]  # |x| > cut ⇔ |x| ≥ threshold (trim_tensor)
+        # 2. + 3. + 4. elect and disjoint merge in one pass, θ_pre + λ·merged
+        results = dict(zip(names, pool.map(merge_tensor, names)))
+        # the majority sign of the whole vector, for coordinates whose sum is 0
+        majority = _sign(sum(total for _, total, _ in results.values()))
+        merged = {n: out.view_as(pretrained[n]) for n, (out, _, _) in results.items()}
+        if majority != 1.0:
+            for n, (out, _, pending) in results.items():
+                for where in pending:
+                    fix_pending(n, where, out)
     return {n: merged[n] if n in merged else w.clone() for n, w in pretrained.items()}
 
 
