@@ -37,7 +37,7 @@ def _tiny_tasks(pretrain: bool) -> tuple[TaskSpec, ...]:
         task("fashion_mnist", "fashion_mnist", {"size": 32}, 4000, 500, 1000, 5000),
         task("animal_mnist", "animal_mnist", {"size": 32}, 4000, 500, 1000, 1500),
         task("digits", "digits", {"size": 32}, 1000, 200, 450, 140, epochs=15),
-        task("font_letters", "font_letters", {"size": 32, "n_train_per_class": 300, "n_test_per_class": 60},
+        task("font_letters", "font_letters", {"size": 32, "n_train_per_class": 800, "n_test_per_class": 150},
              4000, 500, 1000, 3000),
         task("photo_patches", "photo_patches", {"size": 32, "n_train_per_class": 1200, "n_test_per_class": 300},
              4000, 500, 1000, 3000),
@@ -48,13 +48,16 @@ def _tiny_tasks(pretrain: bool) -> tuple[TaskSpec, ...]:
 
 # How tiny's shipped base model was built (`mmbench pretrain`): CLIP-style contrastive
 # pretraining of the tiny ViT from random initialisation on the six tasks' held-out pretrain
-# images, each captioned with one of its task's prompt templates and class name, then the
+# images, each captioned with one of its task's prompt templates and, for the even-numbered
+# classes, the class name (the others: the task's concept, "a photo of a handwritten digit.";
+# a base captioned with every class name was measured at 82 % zero-shot on Fashion-MNIST
+# where fine-tuning reached 83 %, leaving nothing for task vectors to add), then the
 # zero-shot heads from the text tower. Longer than a cold run could afford, as the papers
 # start from released CLIP weights; not a benchmark preset (not registered).
 TINY_BASE = Preset(
     name="tiny-base",
     description="the recipe of tiny's shipped base model (mmbench pretrain --preset tiny)",
-    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrain_steps=4000),
+    model=ModelSpec(name="mmbench-tiny-vit", config=TINY_VIT, pretrain_steps=4000, pretrain_named="even"),
     tasks=_tiny_tasks(pretrain=True),
     image_size=32,
     heads="zeroshot",
@@ -62,7 +65,7 @@ TINY_BASE = Preset(
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The shipped file's sha256 (tests/test_pretrain.py checks the file and its recorded recipe).
 TINY_BASE_FILE = WEIGHTS / "tiny-base.safetensors"
-TINY_BASE_SHA256 = ""
+TINY_BASE_SHA256 = "e017f614cb0f4abf0511e53171b37122e062330b19db1db80c8301b206e21b02"
 
 TINY = Preset(
     name="tiny",

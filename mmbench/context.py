@@ -182,7 +182,7 @@ class SharedStages:
             model = models.create_clip(spec)
             info: dict[str, Any] = {}
             if spec.pretrain_steps:
-                from .zeroshot import templates_for
+                from .zeroshot import concept, templates_for
 
                 images, captions = [], []
                 caption_rng = torch.Generator().manual_seed(1)
@@ -193,7 +193,12 @@ class SharedStages:
                     # each image's caption: one of the prompt templates its task's heads average over
                     templates = templates_for(self.preset.task(task))
                     pick = torch.randint(0, len(templates), (len(y),), generator=caption_rng).tolist()
-                    captions += [templates[i].format(td.class_names[int(c)]) for i, c in zip(pick, y)]
+                    if spec.pretrain_named not in ("all", "even"):
+                        raise ValueError(f"pretrain_named {spec.pretrain_named!r}: all | even")
+                    named = [spec.pretrain_named == "all" or c % 2 == 0 for c in range(td.num_classes)]
+                    captions += [templates[i].format(td.class_names[int(c)] if named[int(c)]
+                                                     else concept(self.preset.task(task)))
+                                 for i, c in zip(pick, y)]
                 gen = torch.Generator().manual_seed(0)
                 info = models.contrastive_pretrain(model, spec, torch.cat(images), captions, gen,
                                                    progress=lambda it: _faulty(self.progress(it, desc="pretrain base"),

@@ -143,7 +143,7 @@ class StageKeys:
         return key
 
     def _model_spec(self) -> dict[str, Any]:
-        spec = asdict(self.preset.model)
+        spec = self.preset.model.key()
         digest = _local_digest(spec.get("pretrained"))
         if digest:  # a local checkpoint: its content, not where it lies
             spec["pretrained"] = {"sha256": digest}

@@ -228,6 +228,7 @@ def save_base_file(path: str | os.PathLike, visual: StateDict, logit_scale: floa
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # a file to ship: readable by everyone
     os.replace(tmp, path)
 
 

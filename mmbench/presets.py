@@ -44,6 +44,18 @@ class ModelSpec:
     pretrain_steps: int = 0         # CLIP-style contrastive pretraining of the base (tiny presets)
     pretrain_lr: float = 1e-3
     pretrain_batch_size: int = 128
+    # which classes the pretraining captions name: "all", or "even" (classes 0, 2, 4, ... of each
+    # task; the others' images are captioned with their task's concept only, "a photo of a
+    # handwritten digit."), so that the base knows every task's images but only some of their
+    # class names, as CLIP's zero-shot accuracy is far from its fine-tuned accuracy
+    pretrain_named: str = "all"
+
+    def key(self) -> dict[str, Any]:
+        """The spec as keyed: a field left at its default of before it existed is left out."""
+        d = asdict(self)
+        if d.get("pretrain_named") == "all":
+            d.pop("pretrain_named")
+        return d
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Preset:
     def key(self) -> dict[str, Any]:
         """Everything that changes what the base model, data and fine-tunes are."""
         d = asdict(self)
+        d["model"] = self.model.key()
         for k in ("description", "plugin_params", "seeds"):
             d.pop(k)
         for task in d["tasks"]:  # an unset per-task epochs leaves keys as before the field existed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from .lazy import torch  # torch on first use: listing plugins does not import it
 
 from .api import Context, Trigger
 

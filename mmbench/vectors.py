@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
+from .lazy import torch, F  # torch on first use: listing plugins does not import it
 
 from .api import StateDict
 

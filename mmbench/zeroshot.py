@@ -111,6 +111,22 @@ ALIASES = {
 }
 
 
+# What a pretraining caption says of an image whose class it does not name (ModelSpec.pretrain_named):
+# its task's concept, by source; other sources: the task's name.
+CONCEPTS = {
+    "fashion_mnist": "piece of clothing",
+    "animal_mnist": "animal silhouette",
+    "digits": "handwritten digit",
+    "font_letters": "printed letter",
+    "photo_patches": "patch of a photo",
+    "texture_patches": "patch of a grey image",
+}
+
+
+def concept(task_spec) -> str:
+    return CONCEPTS.get(task_spec.source, task_spec.name.replace("_", " "))
+
+
 def template_family(task_spec) -> str:
     """The family whose templates a task uses: ``source_args["template_family"]``,
     else its name through :data:`ALIASES`, else ``generic``."""

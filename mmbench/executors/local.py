@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from ..execute import Outcome, Runtime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # mmbench.execute imports torch; registering this executor must not
+    from ..execute import Outcome, Runtime
 from ..graph import Graph, Stage
 from . import Schedule, skipped
 

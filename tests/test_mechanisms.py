@@ -1,0 +1,47 @@
+"""mmbench mechanisms: the cosine on small tensors, and the whole command on smoke."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from mmbench.cli import main
+from mmbench.mechanisms import LAMBDAS, cosine
+
+
+def test_cosine_flattens_state_dicts_over_their_common_keys():
+    a = {"w": torch.tensor([[1.0, 0.0]]), "b": torch.tensor([0.0]), "only_a": torch.tensor([5.0])}
+    b = {"w": torch.tensor([[1.0, 1.0]]), "b": torch.tensor([1.0])}
+    # (1, 0, 0) · (1, 1, 1) = 1; |a| = 1, |b| = √3
+    assert math.isclose(cosine(a, b), 1 / math.sqrt(3))
+    assert math.isclose(cosine(a, a), 1.0)
+    assert math.isnan(cosine(a, {"w": torch.zeros(1, 2), "b": torch.zeros(1)}))
+
+
+def test_mechanisms_on_smoke(store_copy, tmp_path, capsys):
+    out = tmp_path / "mech.json"
+    assert main(["mechanisms", "--preset", "smoke", "--store", str(store_copy), "--json", str(out),
+                 "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    names = report["names"]
+    assert names == ["attacker", "other target", "other corner", "other task", "defender (IBVS)"]
+    m = report["cosine"]
+    for i in range(len(names)):
+        assert math.isclose(m[i][i], 1.0, abs_tol=1e-9)
+        for j in range(len(names)):
+            assert math.isclose(m[i][j], m[j][i], abs_tol=1e-12) and -1 <= m[i][j] <= 1
+    bv = report["backdoor_vectors"]
+    assert bv["attacker"]["task"] == "digits" and bv["other task"]["task"] == "photo_patches"
+    assert bv["other target"]["target_class"] == 1 and bv["other corner"]["position"] == "top-left"
+    assert [r["lambda"] for r in report["asr_by_lambda"]] == list(LAMBDAS)
+    assert [r["tasks"] for r in report["asr_by_tasks"]] == [1, 2]
+    # smoke's TA λ is 1.0, so the one-task merge is θ_pre + τ_adv: the attacker's model alone,
+    # whose test ASR the attack stage measured
+    one = report["asr_by_tasks"][0]
+    assert one["lambda"] == 1.0
+    assert math.isclose(one["asr"], bv["attacker"]["standalone_asr"], abs_tol=1e-9)
+    # and the λ = 1.0 row merges every task, as the two-task row does on this 2-task preset
+    assert math.isclose(report["asr_by_lambda"][-1]["asr"], report["asr_by_tasks"][-1]["asr"], abs_tol=1e-9)
+    text = capsys.readouterr().out
+    assert "pairwise cosine" in text and "against λ" in text
