@@ -74,3 +74,28 @@ def test_fingerprint_sees_helper_edits_and_ignores_docs(tmp_path, monkeypatch):
     assert fingerprint(restyled, helper) == base            # docs, comments, spacing: same code
     assert fingerprint(plugin, helper.replace("3 *", "4 *")) != base   # a helper it imports changed
     assert fingerprint(plugin.replace("scale(2)", "scale(5)"), helper) != base
+
+
+def test_listing_plugins_does_not_import_torch():
+    """`mmbench plugins` and `--help` load every plugin through its entry point without
+    importing torch (it costs about 2 s): plugins take torch from mmbench.lazy."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mmbench.cli import main\nmain(['plugins'])\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "badnets" in out and "adamerging" in out and "dam" in out
+    assert out.strip().splitlines()[-1] == "TORCH False"
+
+
+def test_the_lazy_torch_is_torch():
+    import torch as real
+
+    from mmbench.lazy import F, functional_call, torch
+
+    assert torch.Tensor is real.Tensor and torch.zeros(2).sum().item() == 0
+    assert F.relu(real.tensor([-1.0, 2.0])).tolist() == [0.0, 2.0]
+    lin = real.nn.Linear(1, 1, bias=False)
+    out = functional_call(lin, {"weight": real.tensor([[3.0]])}, (real.tensor([[2.0]]),))
+    assert out.item() == 6.0

@@ -80,8 +80,7 @@ import math
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-import torch
-import torch.nn.functional as F
+from mmbench.lazy import torch, F  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, Trigger
@@ -92,7 +91,7 @@ from mmbench.triggers import POSITIONS, clamp_channels, corner_trigger, patch_si
 # when the code does (editable installs), so bump this when a cached result would differ.
 REVISION = 2
 
-Logits = Callable[[torch.Tensor], torch.Tensor]
+Logits = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 # --- stage 2: the feature-interpolation loss ------------------------------------------

@@ -45,9 +45,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch.func import functional_call
+from mmbench.lazy import torch, F, functional_call  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, StateDict

@@ -94,7 +94,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
+from mmbench.lazy import torch  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import Attack, AttackResult, Context, Cost, Param, PluginError, Sizes, StateDict

@@ -77,8 +77,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterator
 
-import torch
-import torch.nn.functional as F
+from mmbench.lazy import torch, F  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import BoundMerger, Context, Cost, Defense, Merged, Param, PluginError, Sizes, StateDict

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping, Sequence
 
-import torch
+from mmbench.lazy import torch  # torch on first use: listing plugins does not import it
 
 from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict
 from mmbench.vectors import float_items, sign_resolved

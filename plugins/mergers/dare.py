@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import torch
+from mmbench.lazy import torch  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict

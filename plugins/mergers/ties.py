@@ -57,8 +57,7 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
+from mmbench.lazy import torch, F  # torch on first use: listing plugins does not import it
 
 from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict
 from mmbench.vectors import float_items, kth_largest_magnitude
