@@ -65,7 +65,7 @@ TINY_BASE = Preset(
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 # The shipped file's sha256 (tests/test_pretrain.py checks the file and its recorded recipe).
 TINY_BASE_FILE = WEIGHTS / "tiny-base.safetensors"
-TINY_BASE_SHA256 = "e017f614cb0f4abf0511e53171b37122e062330b19db1db80c8301b206e21b02"
+TINY_BASE_SHA256 = "46417d19c88e847242d70794a501bfb1808901e6604beea0d1a51b77292599be"
 
 TINY = Preset(
     name="tiny",
