@@ -121,10 +121,13 @@ def test_task_epochs_override_the_recipe_only_where_set(tmp_path):
     shared = SharedStages(PAPER["vit-b-32-6task"], Store(tmp_path), torch.device("cpu"))
     assert shared.recipe("cars").epochs == 35 and shared.recipe("cars").lr == 1e-5
     assert shared.finetune_key("cars", 0) != shared.finetune_key("pets", 0)
-    # presets without per-task epochs keep their keys (no "epochs" entry appears)
-    assert all("epochs" not in t for t in presets.TINY.key()["tasks"])
+    # tasks without their own epochs keep their keys (no "epochs" entry appears): smoke has
+    # none, tiny's digits alone has 15
+    assert all("epochs" not in t for t in presets.SMOKE.key()["tasks"])
+    assert [t.get("epochs") for t in presets.TINY.key()["tasks"]] == [None, None, 15, None, None, None]
     tiny = SharedStages(presets.TINY, Store(tmp_path), torch.device("cpu"))
     assert tiny.recipe("fashion_mnist") is presets.TINY.recipe
+    assert tiny.recipe("digits").epochs == 15 and tiny.recipe("digits").lr == presets.TINY.recipe.lr
 
 
 # -- HF loader on local parquet ---------------------------------------------------------
