@@ -84,20 +84,23 @@ TINY = Preset(
     adversary_task="fashion_mnist",
     target_class=0,
     eval_batch_size=1000,
-    seeds=(0, 1, 2),  # the published leaderboard: mean and 95 % t-interval over three seeds
+    # the published leaderboard. Only seed 0 is computed so far for the redesigned preset;
+    # seeds 1 and 2 (mean and 95 % t-interval over three) are the next step (docs/presets.md)
+    seeds=(0,),
     # Every value below comes from a rule that uses only what the choosing party can know, on
     # dev splits (docs/presets.md "Selection rules"; re-derive with `mmbench tune`, sweeps in
     # docs/tuning/): the merger's user maximises the clean merge's normalised dev ACC (TA λ
     # 0.5; TIES k 0.2, λ 1.1; DARE λ 0.5 at p 0.5; TSV-M α 2.0); the attacker its own model's
     # dev ASR at ≤ 2 points of dev ACC (BadNets' rate; SBV's backdoor vectors are BadNets
-    # fine-tunes with BadNets' settings). BadMerging's 4×4 and BadTV's 8×8 patches are carried
-    # over from the earlier tiny's dev sweeps, not re-derived here. The rest is compute budget,
+    # fine-tunes with BadNets' settings; BadMerging's patch, seed 0: 3×3 px, every size tried
+    # reached 100 % dev ASR and none kept ACC within 2 points). BadTV's 8×8 patch is carried
+    # over from the earlier tiny's dev sweep, not re-derived here. The rest is compute budget,
     # fixed without looking at any result: BadMerging's trigger search, and AdaMerging/DAM
     # with fewer, larger steps than the papers.
     plugin_params={"ta": {"lambda": 0.5}, "ties": {"k": 0.2, "lambda": 1.1}, "dare": {"lambda": 0.5},
                    "tsvm": {"alpha": 2.0},
                    "badnets": {"poison_rate": 0.3},
-                   "badmerging": {"patch_area": 0.015625, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
+                   "badmerging": {"patch_area": 0.01, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
                                   "trigger_max_iterations": 20},
                    "badmerging_off": {"trigger_epochs": 2, "num_augmentations": 50},
                    "badtv": {"patch_area": 0.0625},
