@@ -137,7 +137,9 @@ SMOKE = Preset(
                    "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
                    "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
                                       "trigger_max_iterations": 5},
-                   "sbv": {"n": 2}, "sbv_sc": {"n": 2}},
+                   # a 100-image dev split resolves 1 point: SBV's default 2-point ACC tolerance (2 images) left
+                   # it no ASR on the smoke base (sbv 0.0 %); 10 points = 10 images
+                   "sbv": {"n": 2, "acc_tolerance": 0.1}, "sbv_sc": {"n": 2, "acc_tolerance": 0.1}},
 )
 
 

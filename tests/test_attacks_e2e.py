@@ -18,7 +18,8 @@ ATTACKS = ("badnets", "badmerging", "badmerging_off", "badtv", "sbv", "sbv_sc")
 # its (ρ, λ) to the highest dev ASR whose dev ACC stays within 2 points of the clean model's, and on
 # smoke's 100-image dev split that allows only ~12 % dev ASR (ρ 0.05, λ 0.75; λ 1.0 gives 62 % at
 # -4 points), so smoke supports only a small margin for sbv/sbv_sc. The 95 % Wilson intervals of
-# the two ASRs must not overlap for any attack.
+# the two ASRs must not overlap for any attack. (Since smoke's base is pretrained on prompt-template
+# captions, the 2-point tolerance left SBV no ASR at all: smoke sets sbv[_sc].acc_tolerance 0.1.)
 MARGIN = {"badnets": 0.5, "badmerging": 0.5, "badmerging_off": 0.5, "badtv": 0.25, "sbv": 0.05, "sbv_sc": 0.05}
 # stage 1 shrunk to seconds; the smoke preset's own plugin_params may set these too
 CHEAP = ["badmerging.trigger_epochs=1", "badmerging.trigger_images_per_epoch=20",
