@@ -134,6 +134,8 @@ SMOKE = Preset(
     # that the clean merge (dev ACC 34.5 TA, 30.0 TIES, 29.0 DARE) stands well clear of the base model (≈ 11, chance)
     plugin_params={"ta": {"lambda": 1.0}, "ties": {"lambda": 1.5}, "dare": {"lambda": 1.0},
                    "dam": {"steps": 5}, "adamerging": {"steps": 20},
+                   # the detection track's trigger search: seconds, not a real search (the defaults are 100 / 64)
+                   "trigger_inversion": {"steps": 10, "n_images": 16},
                    "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
                    "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
                                       "trigger_max_iterations": 5},

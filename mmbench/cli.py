@@ -72,7 +72,7 @@ def cmd_plugins(args) -> int:
     if args.preset:
         raise UsageError("plugins --preset goes with --params NAME")
     rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description)
-            for r in registry.all() if r.kind in ("attack", "merger", "defense", "preset")]
+            for r in registry.all() if r.kind in ("attack", "merger", "defense", "detector", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
     return 0
 
@@ -83,7 +83,7 @@ def _plugin_params(registry, name: str, preset_name: str | None) -> int:
 
     from .params import allowed, declared, show
 
-    kinds = ("attack", "merger", "defense")
+    kinds = ("attack", "merger", "defense", "detector")
     found = [registry.get(k, name) for k in kinds if name in registry.names(k)]
     if not found:
         from .plugins import unknown_name
@@ -142,6 +142,7 @@ def _executor(registry, name: str, jobs: int, address: str | None):
 def cmd_run(args) -> int:
     import torch
 
+    from . import sweeps
     from .data import DataError
     from .execute import Runtime
     from .executors.local import WorkerDied
@@ -159,17 +160,17 @@ def cmd_run(args) -> int:
         raise UsageError("--address goes with --executor ray")
     jobs = args.jobs or (1 if device.type == "cuda" else (os.cpu_count() or 1))
     overrides = parse_overrides(args.set or [], registry)
-    graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed, overrides)
+    settings = sweeps.parse(args.sweep or [], registry) if args.sweep else [{}]
+    detectors = _detectors(args) if not args.sweep or args.detector else []
+    graphs = [plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
+                   sweeps.merge_overrides(overrides, extra), detectors=detectors) for extra in settings]
     store = Store(args.store)
     if args.rerun != "never" and hasattr(store, "check_writable"):
         store.check_writable()
     executor = _executor(registry, args.executor, jobs, args.address)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    cells = list(graph.cells)
     where = f"executor {args.executor}" + (f" at {args.address}" if args.address else "") + (
         f", up to {jobs} worker{'s' * (jobs > 1)}" if args.executor == "local" else "")
-    echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells, {len(graph)} stages on {device}, "
-         f"store {args.store}, rerun {args.rerun}, {where}")
     start = time.perf_counter()
     counts: dict[str, int] = {}
     base_shown: set[int] = set()
@@ -189,14 +190,33 @@ def cmd_run(args) -> int:
         print(line, flush=True)
 
     runtime = Runtime(str(store.root), str(device), quiet=args.quiet)
-    try:
-        report = execute_graph(graph, cells, store, executor, runtime, rerun=args.rerun, on_result=on_result,
-                               echo=echo, registry=registry)
-    except DataError as exc:
-        raise UsageError(str(exc)) from None
-    except WorkerDied as exc:
-        print(f"mmbench: error: {exc}", file=sys.stderr)
-        return 1
+    reports = []
+    for i, (graph, extra) in enumerate(zip(graphs, settings)):
+        cells = list(graph.cells)
+        n_detect = sum(graph.stage(k).kind == "detect" for k in graph.detection)
+        if args.sweep:
+            shown = ", ".join(f"{p}.{k}={json.dumps(v)}" for p, kv in extra.items() for k, v in kv.items())
+            echo(f"sweep {i + 1}/{len(settings)}: {shown}")
+        echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells"
+             + (f" + {n_detect} detections ({len(graph.detection) - n_detect} screens)" if n_detect else "")
+             + f", {len(graph)} stages on {device}, store {args.store}, rerun {args.rerun}, {where}")
+        try:
+            reports.append(execute_graph(graph, cells, store, executor, runtime, rerun=args.rerun,
+                                         on_result=on_result, echo=echo, registry=registry))
+        except DataError as exc:
+            raise UsageError(str(exc)) from None
+        except WorkerDied as exc:
+            print(f"mmbench: error: {exc}", file=sys.stderr)
+            return 1
+    report = reports[0]
+    for more in reports[1:]:  # one account of the whole run
+        report.reused += [label for label in more.reused if label not in report.reused]
+        report.computed += more.computed
+        report.corrupt += more.corrupt
+        report.failed_stages += more.failed_stages
+        report.detection += more.detection
+        for node, labels in more.nodes.items():
+            report.nodes.setdefault(node, []).extend(labels)
     seconds = time.perf_counter() - start
     if report.reused:
         shown = [s for s in report.reused if not s.startswith("cell ")]
@@ -214,12 +234,45 @@ def cmd_run(args) -> int:
              "slowest: " + ", ".join(f"{label} {sec:.1f} s" for label, sec in slowest))
     if len(report.nodes) > 1:
         echo("ran on " + "; ".join(f"{node}: {len(labels)} stages" for node, labels in sorted(report.nodes.items())))
+    for line in _detection_lines(report.detection):
+        print(line, flush=True)
     for label, error in report.failed_stages:
         echo(f"failed: {label}: {error}")
     for bad in report.corrupt:
         echo(f"warning: artifact {bad} failed verification and was recomputed")
     echo(f"done in {seconds:.1f} s: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     return 1 if counts.get("failed") or report.failed_stages else 0
+
+
+def _detectors(args) -> list[str] | None:
+    """``--detector``: the names; ``none`` (alone): no detection track; not given: every installed
+    detector for the full cross product, none for a slice (--attack, --merger or --defense)."""
+    chosen = getattr(args, "detector", None)
+    if chosen:
+        if "none" in chosen:
+            if len(chosen) > 1:
+                raise UsageError("--detector none means no detection track; do not combine it with detectors")
+            return []
+        return chosen
+    return [] if (args.attack or args.merger or args.defense) else None
+
+
+def _detection_lines(results: list[dict]) -> list[str]:
+    """One line per detect result (who was flagged, AUROC) and per screen (the merge without it)."""
+    lines = []
+    for r in sorted(results, key=lambda r: (r.get("kind") != "detect", r.get("detector", ""), r.get("attack", ""),
+                                            r.get("merger", ""), r.get("seed", 0))):
+        head = f"{r.get('detector', '?'):>16} {r.get('attack', '?'):>12}"
+        if r.get("kind") == "detect":
+            auc = r.get("auroc")
+            lines.append(f"{head}  seed {r.get('seed')}  flags {r.get('flagged')}"
+                         + (f" (malicious: {r.get('malicious')}, rank {r.get('rank_of_malicious')}, AUROC {auc:.2f})"
+                            if auc is not None else " (no attack)"))
+        else:
+            m = r.get("metrics") or {}
+            lines.append(f"{head} {r.get('merger', '?'):>10}  seed {r.get('seed')}  without {r.get('left_out')}: "
+                         f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}")
+    return lines
 
 
 def cmd_plan(args) -> int:
@@ -232,7 +285,7 @@ def cmd_plan(args) -> int:
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
     graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
-                 parse_overrides(args.set or [], registry))
+                 parse_overrides(args.set or [], registry), detectors=_detectors(args))
     store = Store(args.store)
     print(render(graph, store, plan_rows(graph, store, registry, measured), measured))
     return 0
@@ -317,8 +370,22 @@ def _presets_to_show(args, store) -> list[str]:
     return [args.preset] if args.preset else sorted({r.get("preset") for r in store.results()} or {"tiny"})
 
 
+def _detection_entries(registry, store, presets: list[str], overrides: dict | None = None) -> dict[str, list[dict]]:
+    """The detection track's entries of each preset over its declared seeds (every installed
+    detector on every installed attack and merger): stored results, or stubs saying stale / not run."""
+    from . import detection_report
+    from .graph import plan
+
+    out = {}
+    for name in presets:
+        p = _preset(registry, name)
+        graph = plan(registry, p, seeds=list(p.seeds), overrides=overrides or {})
+        out[name] = detection_report.collect(store, graph, p.seeds)
+    return out
+
+
 def cmd_leaderboard(args) -> int:
-    from . import findings, leaderboard, site, submissions
+    from . import detection_report, findings, leaderboard, site, submissions, sweeps
     from .store import Store
 
     from .graph import parse_overrides
@@ -328,6 +395,8 @@ def cmd_leaderboard(args) -> int:
     presets = _presets_to_show(args, store)
     overrides = parse_overrides(args.set or [], registry)
     expected, results = _stored_results(registry, store, presets, overrides)
+    detection = _detection_entries(registry, store, presets, overrides)
+    sweep_points = {name: sweeps.collect(registry, store, _preset(registry, name)) for name in presets}
     for line in store.unreadable if hasattr(store, "unreadable") else []:
         print(f"mmbench: warning: {line}", file=sys.stderr)
     df = leaderboard.table(results, expected)
@@ -342,25 +411,38 @@ def cmd_leaderboard(args) -> int:
     for name in presets:
         cells = findings.frame(r for r in results if r.get("preset") == name)
         sections[name] = findings.markdown(name, cells, findings.evaluate(cells))
+        mine = [r for r in results if r.get("preset") == name]
+        for extra in (sweeps.markdown(name, sweep_points.get(name, [])),
+                      detection_report.markdown(name, detection.get(name, []), mine)):
+            if extra:
+                sections[name] += "\n\n" + extra
     files = leaderboard.render(df, notes="\n\n".join(notes), findings=sections)
+    files["detection.csv"] = detection_report.frame([e for es in detection.values() for e in es]).to_csv(
+        index=False).encode()
     if args.check:
         declared = set(expected)
         problems = [f"{r.preset} {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.status}"
                     for r in df.itertuples() if r.status in ("stale", "failed", "not run", "unreadable")
                     and (r.preset, r.attack, r.merger, r.defense, r.seed) in declared]
+        problems += [line for es in detection.values() for line in detection_report.problems(es)]
         problems += leaderboard.differences(files, Path(args.out))
-        page = site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"))
+        page = site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"), detection,
+                              sweep_points)
         problems += leaderboard.differences(page, Path(args.out)) + site.extra_plots(page, Path(args.out))
         problems += submissions.problems(store.root, presets)
         for line in problems:
             print(line)
         if problems:
             return 1
+        missing = sum(detection_report.not_run(es) for es in detection.values())
+        if missing:
+            print(f"note: {missing} detection-track stage(s) not run (reported as such; not a failure)")
         print("leaderboard up to date")
         return 0
     paths = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes), findings=sections)
-    paths += site.write(site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset")),
-                        Path(args.out))
+    paths += site.write({"detection.csv": files["detection.csv"]}, Path(args.out))
+    paths += site.write(site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"),
+                                       detection, sweep_points), Path(args.out))
     print(f"wrote {', '.join(map(str, paths))} ({len(df)} cells: " +
           ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items()) + ")")
     return 0
@@ -521,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
     run.add_argument("--merger", action="append", help="merger name (repeatable)")
     run.add_argument("--defense", action="append", help="defense name (repeatable)")
+    run.add_argument("--detector", action="append",
+                     help="detector of the detection track (repeatable; 'none': no detection; default: every "
+                          "installed detector, or none when --attack, --merger or --defense selects a slice)")
     run.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
     run.add_argument("--rerun", default="missing", choices=["missing", "always", "cells", "never"],
                      help="missing: compute what the store lacks (default); always: recompute the selected "
@@ -528,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the selected cells only; never: only report")
     run.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
                      help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
+    run.add_argument("--sweep", action="append", metavar="PLUGIN.PARAM=V1,V2,...",
+                     help="run the selection once per value (repeatable: every combination), each value its "
+                          "own setting and cell keys, e.g. --sweep ta.lambda=0.1,0.3,0.5,0.7; no detection "
+                          "track unless --detector asks")
     run.add_argument("--store", default=DEFAULT_STORE)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
     run.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # old: stages run single-threaded
@@ -550,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
     plan.add_argument("--merger", action="append", help="merger name (repeatable)")
     plan.add_argument("--defense", action="append", help="defense name (repeatable)")
+    plan.add_argument("--detector", action="append",
+                     help="detector of the detection track (repeatable; 'none': no detection; default: every "
+                          "installed detector, or none when --attack, --merger or --defense selects a slice)")
     plan.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
     plan.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
     plan.add_argument("--batch-size", type=int, default=None, help="as for run")

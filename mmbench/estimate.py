@@ -169,7 +169,7 @@ def plan_rows(graph, store, registry, measured: Measured | None = None) -> list[
 
     rows: list[Row] = []
     for stage in graph.stages.values():
-        cached = stored(store, stage)
+        cached = stored(store, stage, graph)
         needs = ", ".join(graph.stage(i).label for i in stage.inputs[:3]) + (
             f" (+{len(stage.inputs) - 3})" if len(stage.inputs) > 3 else "")
         seconds, note = None, ""
@@ -204,6 +204,12 @@ def plan_rows(graph, store, registry, measured: Measured | None = None) -> list[
             known = [p[0] for p in parts] + [evaluation]
             seconds = None if any(v is None for v in known) else sum(known)
             note = "; ".join(p[1] for p in parts if p[1])
+        elif stage.kind == "detect":
+            seconds, note = plugin_cost("detector", stage.params["detector"], stage)
+        elif stage.kind == "screen":  # a merge of all but one contributor, evaluated as a cell is
+            merge_seconds, note = plugin_cost("merger", stage.merger, stage)
+            evaluation = gpu(0, test_images + dev_images) if not unknown else None
+            seconds = None if merge_seconds is None or evaluation is None else merge_seconds + evaluation
         rows.append(Row(stage.kind, stage.label, stage.key, cached, seconds, needs, note))
     return rows
 
@@ -235,7 +241,8 @@ def render(graph, store, rows: list[Row], measured: Measured | None = None) -> s
                                           "needs", "note"]))
     lines.append("")
     summary = []
-    for kind in ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell"):
+    for kind in ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell", "detect",
+                 "screen"):
         group = [r for r in rows if r.kind == kind]
         if not group:
             continue

@@ -15,6 +15,9 @@ Stages, with the stages each one needs (its scheduling inputs)::
     merge[attack, merger, seed]     finetune[*, seed], attack[name, seed]
     cell[attack, merger, defense, seed]
                                     eval-finetuned[seed], finetune[*, seed], attack, merge
+    detect[attack, detector, seed]  finetune[*, seed], attack          (the detection track,
+    screen[attack, detector, merger, seed]                              mmbench.detect)
+                                    detect, eval-finetuned[seed], finetune[*, seed], attack
 
 A ``merge`` stage exists only where a selected cell's defense declares
 ``merges_own_inputs`` (none, IBVS): every such cell of one attack, merger and seed shares
@@ -42,7 +45,8 @@ from .plugins import Registered, UsageError, unknown_name
 from .presets import Preset, Recipe
 
 NO_ATTACK = "none"
-KINDS = ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell")
+KINDS = ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell", "detect", "screen")
+PLUGIN_KINDS = ("attack", "merger", "defense", "detector")  # the kinds --set and plugin_params address
 
 
 # --- cells -----------------------------------------------------------------------------
@@ -81,7 +85,7 @@ def setting_tag(changed: Mapping[str, Mapping[str, Any]]) -> str:
 def parse_overrides(items: list[str], registry) -> dict[str, dict[str, Any]]:
     """``--set ties.k=0.1`` items → {"ties": {"k": 0.1}} (values parsed as JSON, else strings)."""
     out: dict[str, dict[str, Any]] = {}
-    known = {name for kind in ("attack", "merger", "defense") for name in registry.names(kind)}
+    known = {name for kind in PLUGIN_KINDS for name in registry.names(kind)}
     for item in items:
         target, eq, value = item.partition("=")
         name, dot, param = target.partition(".")
@@ -238,6 +242,7 @@ class Graph:
     plugins: Mapping[tuple[str, str], Mapping[str, str]]  # (kind, name) → name, distribution, version, code
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     digest: str = ""   # sha256 of every stage key: the graph's identity across processes
+    detection: tuple[str, ...] = ()   # keys of the detection track's stages (detect, screen), in order
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -286,15 +291,19 @@ def _selected(registry, kind: str, chosen: list[str] | None, extra: tuple[str, .
 
 def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: list[str] | None = None,
          defenses: list[str] | None = None, seeds: list[int] | None = None,
-         overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Graph:
+         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+         detectors: list[str] | None = None) -> Graph:
     """The graph of the cross product of the selection (every installed plugin where a list is
     None, the preset's seeds), with ``overrides`` (``--set``) applied. Every installed
     plugin's parameters are checked first, selected or not: a bad ``--set`` or preset value
-    is a UsageError before anything runs."""
+    is a UsageError before anything runs. ``detectors``: the detection track's detectors
+    (every installed one when None; ``[]`` for none), each run on every selected attack and
+    screened under every selected merger."""
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
     a_names = _selected(registry, "attack", attacks, (NO_ATTACK,))
     m_names = _selected(registry, "merger", mergers)
     d_names = _selected(registry, "defense", defenses)
+    k_names = _selected(registry, "detector", detectors) if detectors != [] else []
     if not m_names or not d_names:
         raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
     seed_list = list(dict.fromkeys(seeds)) if seeds else list(preset.seeds)
@@ -303,7 +312,7 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
     own: dict[tuple[str, str], dict[str, Any]] = {}    # the preset's own parameters (no --set)
     plugins: dict[tuple[str, str], dict[str, str]] = {}
     regs: dict[tuple[str, str], Registered] = {}
-    for kind in ("attack", "merger", "defense"):
+    for kind in PLUGIN_KINDS:
         for name in registry.names(kind):
             reg = registry.get(kind, name)
             regs[(kind, name)] = reg
@@ -335,6 +344,7 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
     heads = add(Stage(keys.heads(), "heads", "heads", heads_inputs, gpu=True))
     cells: list[Cell] = []
     cell_keys: dict[Cell, str] = {}
+    detection: list[str] = []
     for seed in seed_list:
         fts = tuple(add(Stage(keys.finetune(t, seed), "finetune", f"finetune[{t}, seed {seed}]",
                               (base, heads, data[t]), seed=seed, task=t, gpu=True)) for t in tasks)
@@ -379,5 +389,48 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
                                               "setting": changed}), gpu=True))
                     cells.append(cell)
                     cell_keys[cell] = key
+        detection += _detection_stages(add, keys, regs, params, own, seed, a_names, m_names, k_names, fts, evalft,
+                                       {a: s.key for s in stages.values() if s.kind == "attack" and s.seed == seed
+                                        for a in [s.attack]})
     digest = hashlib.sha256("\n".join(stages).encode()).hexdigest()
-    return Graph(preset, stages, tuple(cells), cell_keys, params, plugins, overrides, digest)
+    return Graph(preset, stages, tuple(cells), cell_keys, params, plugins, overrides, digest, tuple(detection))
+
+
+def _detection_stages(add, keys: StageKeys, regs, params, own, seed: int, attacks: list[str], mergers: list[str],
+                      detectors: list[str], fts: tuple[str, ...], evalft: str,
+                      attack_keys: dict[str, str]) -> list[str]:
+    """The detection track's stages of one seed (mmbench.detect): a detect stage per attack and
+    detector, a screen stage per attack, detector and merger."""
+    out: list[str] = []
+    for detector in detectors:
+        kreg = regs[("detector", detector)]
+        kparams = params[("detector", detector)]
+        for attack in attacks:
+            attack_key = attack_keys.get(attack)
+            vector_keys = list(fts) + ([attack_key] if attack_key else [])
+
+            def changed(*pairs: tuple[str, str]) -> dict[str, dict[str, Any]]:
+                diff = {n: {k: v for k, v in params[(kind, n)].items() if own[(kind, n)].get(k, object()) != v}
+                        for kind, n in pairs}
+                return {n: c for n, c in diff.items() if c}
+            setting = changed(("attack", attack), ("detector", detector))
+            detect_key = add(Stage(
+                stage_key("detect", {"detector": detector, "params": kparams, "seed": seed}, vector_keys,
+                          plugin=(kreg.distribution, kreg.key_version, core_code("detect"))),
+                "detect", f"detect {detector} on {attack} (seed {seed})", tuple(vector_keys), seed=seed,
+                attack=attack, params_json=canonical_json({"detector": detector, "detector_params": kparams,
+                                                           "setting_tag": setting_tag(setting)}), gpu=True))
+            out.append(detect_key)
+            for merger in mergers:
+                mreg = regs[("merger", merger)]
+                mparams = params[("merger", merger)]
+                tag = setting_tag(changed(("attack", attack), ("detector", detector), ("merger", merger)))
+                out.append(add(Stage(
+                    stage_key("screen", {"merger": [merger, mparams], "seed": seed},
+                              [detect_key, *vector_keys, evalft],
+                              plugin=(core_code("detect"), mreg.key_version)),
+                    "screen", f"screen {detector}/{attack}/{merger} (seed {seed})",
+                    (detect_key, evalft, *vector_keys), seed=seed, attack=attack, merger=merger,
+                    params_json=canonical_json({"detector": detector, "detector_params": kparams,
+                                                "merger_params": mparams, "setting_tag": tag}), gpu=True)))
+    return out

@@ -33,6 +33,11 @@ def mmbench_register_defenses(register):
 
 
 @hookspec
+def mmbench_register_detectors(register):
+    """Register :class:`mmbench.detect.Detector` instances (the detection track): ``register(MyDetector())``."""
+
+
+@hookspec
 def mmbench_register_presets(register):
     """Register :class:`mmbench.presets.Preset` objects: ``register(preset)``."""
 

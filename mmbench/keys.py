@@ -35,6 +35,8 @@ CORE_MODULES: dict[str, tuple[str, ...]] = {
     "merge": ("api", "vectors", "execute"),
     "cell": ("context", "evaluate", "vectors", "api", "execute"),
     "plugin": ("context", "train", "evaluate", "vectors", "api"),
+    # the detection track's detect and screen stages (mmbench.detect, run by mmbench.worker)
+    "detect": ("detect", "worker", "context", "evaluate", "vectors", "api", "execute"),
 }
 
 

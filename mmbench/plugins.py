@@ -25,11 +25,12 @@ import pluggy
 from . import hookspecs
 
 GROUP = "mmbench"
-KINDS = ("attack", "merger", "defense", "preset", "executor")
+KINDS = ("attack", "merger", "defense", "detector", "preset", "executor")
 _HOOKS = {
     "attack": "mmbench_register_attacks",
     "merger": "mmbench_register_mergers",
     "defense": "mmbench_register_defenses",
+    "detector": "mmbench_register_detectors",
     "preset": "mmbench_register_presets",
     "executor": "mmbench_register_executors",
 }
@@ -171,10 +172,10 @@ def _raised(exc: BaseException, package: str) -> str:
 
 
 def _kind_class(kind: str) -> tuple[type, str]:
-    from . import api, presets
+    from . import api, detect, presets
 
     return {"attack": (api.Attack, "mmbench.api.Attack"), "merger": (api.Merger, "mmbench.api.Merger"),
-            "defense": (api.Defense, "mmbench.api.Defense"),
+            "defense": (api.Defense, "mmbench.api.Defense"), "detector": (detect.Detector, "mmbench.detect.Detector"),
             "preset": (presets.Preset, "mmbench.presets.Preset")}[kind]
 
 
@@ -349,7 +350,7 @@ class Registry:
                 return (f"{hook} registered the class {obj.__name__}; register an instance: "
                         f"register({obj.__name__}())", name, obj)
             if not isinstance(obj, cls):
-                other = next((k for k in ("attack", "merger", "defense", "preset")
+                other = next((k for k in ("attack", "merger", "defense", "detector", "preset")
                               if k != kind and isinstance(obj, _kind_class(k)[0])), None)
                 if other:
                     return (f"{hook} registered {other} {name!r} (a {_kind_class(other)[1]}); register it from "
@@ -379,7 +380,7 @@ class Registry:
             if other_kind == kind:
                 return f"{kind} {name!r} is already registered by {owner}; rename it", name, obj
             return (f"{kind} {name!r} has the name of {other_kind} {name!r} of {owner}; a name is unique across "
-                    "attacks, mergers, defenses and presets (--set and plugin_params address plugins by name): "
+                    "attacks, mergers, defenses, detectors and presets (--set and plugin_params address plugins by name): "
                     "rename it", name, obj)
         return "", name, obj
 

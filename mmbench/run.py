@@ -27,6 +27,7 @@ class Report:
     computed: list[tuple[str, float]] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)
     failed_stages: list[tuple[str, str]] = field(default_factory=list)   # (label, error) of non-cell stages
+    detection: list[dict[str, Any]] = field(default_factory=list)        # detect and screen results (mmbench.detect)
     nodes: dict[str, list[str]] = field(default_factory=dict)          # node → labels of stages it computed
 
 
@@ -37,32 +38,47 @@ def cached_result(store: Store, graph: Graph, cell: Cell) -> dict[str, Any] | No
     return None
 
 
-def stored(store: Store, stage: Stage) -> bool:
-    """Is the stage's artifact in the store (cells: an ok result with its key)?"""
+def detection_result(store: Store, graph: Graph, stage: Stage) -> dict[str, Any] | None:
+    """The stored ok result of a detect or screen stage under its current key, else None."""
+    from .detect import stage_result_id
+
+    existing = store.load_result(graph.preset.name, stage_result_id(stage))
+    if existing and existing.get("status") == "ok" and existing.get("key") == stage.key:
+        return existing
+    return None
+
+
+def stored(store: Store, stage: Stage, graph: Graph | None = None) -> bool:
+    """Is the stage's artifact in the store (cells, detect and screen stages: an ok result
+    with its key)?"""
     if stage.kind == "cell":
         existing = store.load_result(stage.cell.preset, stage.cell.id)
         return bool(existing and existing.get("status") == "ok" and existing.get("key") == stage.key)
+    if stage.kind in ("detect", "screen") and graph is not None:
+        return detection_result(store, graph, stage) is not None
     return store.has(stage.key)
 
 
-def to_compute(graph: Graph, store: Store, cells: list[Cell], rerun: str = "missing") -> tuple[list[Stage], set[str]]:
-    """(the stages to run for ``cells``, inputs first; the keys to recompute even if stored)."""
+def to_compute(graph: Graph, store: Store, cells: list[Cell], rerun: str = "missing",
+               detection: bool = True) -> tuple[list[Stage], set[str]]:
+    """(the stages to run for ``cells`` and, with ``detection``, the graph's detection track,
+    inputs first; the keys to recompute even if stored)."""
     if rerun not in RERUN:
         raise UsageError(f"--rerun must be one of {', '.join(RERUN)}, not {rerun!r}")
     if rerun == "never":
         return [], set()
-    targets = {graph.cell_keys[c] for c in cells}
+    targets = {graph.cell_keys[c] for c in cells} | (set(graph.detection) if detection else set())
     needed = graph.needed(targets)
     forced: set[str] = set()
     if rerun == "always":
-        forced = {s.key for s in needed if s.kind in ("attack", "merge", "cell")}
+        forced = {s.key for s in needed if s.kind in ("attack", "merge", "cell", "detect", "screen")}
     elif rerun == "cells":  # the cells only: a defense or the evaluation changed, the attack did not
-        forced = {s.key for s in needed if s.kind == "cell"}
+        forced = {s.key for s in needed if s.kind in ("cell", "screen")}
     # a stored stage is not run, and neither is what only it needed
     live: set[str] = set()
     run: set[str] = set()  # each stage's store is looked at once (a cell's result is a JSON read)
     for stage in reversed(needed):
-        if (stage.key in targets or stage.key in live) and (stage.key in forced or not stored(store, stage)):
+        if (stage.key in targets or stage.key in live) and (stage.key in forced or not stored(store, stage, graph)):
             run.add(stage.key)
             live.add(stage.key)
             live.update(stage.inputs)
@@ -91,7 +107,12 @@ def execute_graph(graph: Graph, cells: list[Cell], store: Store, executor, runti
             report.reused.append(f"cell {cell.label}")
         report.results.append(result)
         on_result(result)
-    needed_keys = {s.key for s in graph.needed([graph.cell_keys[c] for c in cells])}
+    for key in graph.detection:  # the detection track's stored results
+        if key not in pending:
+            found = detection_result(store, graph, graph.stage(key))
+            if found is not None:
+                report.detection.append(found)
+    needed_keys = {s.key for s in graph.needed([graph.cell_keys[c] for c in cells] + list(graph.detection))}
     report.reused += [s.label for s in graph.stages.values() if s.key in needed_keys and s.key not in pending
                       and s.kind != "cell" and rerun != "never"]
 
@@ -109,6 +130,10 @@ def execute_graph(graph: Graph, cells: list[Cell], store: Store, executor, runti
         elif not out.error and out.kind != "cell":
             report.reused.append(out.label)
         stage = graph.stage(out.key)
+        if stage.kind in ("detect", "screen") and not out.error:
+            found = detection_result(store, graph, stage)
+            if found is not None:
+                report.detection.append(found)
         if stage.kind != "cell":
             if out.error:
                 report.failed_stages.append((stage.label, out.error))

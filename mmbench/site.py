@@ -727,9 +727,16 @@ def _reported_section(figures: list[reported.Figure], df: pd.DataFrame) -> str:
 
 
 def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
-           reported_figures: Iterable[reported.Figure] = ()) -> dict[str, bytes]:
+           reported_figures: Iterable[reported.Figure] = (),
+           detection: dict[str, list[dict[str, Any]]] | None = None,
+           sweep_points: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, bytes]:
     """``index.html`` and ``plots/*.svg`` by path relative to the leaderboard folder. ``df`` is
-    :func:`mmbench.leaderboard.table` of ``results`` (stale ones carrying status ``stale``)."""
+    :func:`mmbench.leaderboard.table` of ``results`` (stale ones carrying status ``stale``);
+    ``detection`` maps a preset to its detection-track entries (:mod:`mmbench.detection_report`),
+    ``sweep_points`` to its parameter sweeps (:mod:`mmbench.sweeps`)."""
+    from . import detection_report
+    from . import sweeps as sweep_mod
+
     files: dict[str, bytes] = {}
     presets = list(dict.fromkeys(df.preset)) if len(df) else []
     body = []
@@ -747,7 +754,8 @@ def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
         body.append(f"<p>{part[leaderboard.KEYS].drop_duplicates().shape[0]} attack × merger × defense cells, "
                     f"{len(part)} cell results ({_esc(counts)}); ok seeds: {_esc(', '.join(map(str, seeds)) or 'none')}."
                     f" Sections: <a href='#{pid}-cells'>cells</a> · <a href='#{pid}-rankings'>rankings</a> · "
-                    f"<a href='#{pid}-findings'>findings</a> · <a href='#{pid}-plots'>plots</a> · "
+                    f"<a href='#{pid}-findings'>findings</a> · <a href='#{pid}-detection'>detection</a> · "
+                    f"<a href='#{pid}-plots'>plots</a> · "
                     f"<a href='#{pid}-provenance'>provenance</a></p>")
         body.append(f'<h3 id="{pid}-cells">Every cell, over seeds</h3>')
         body.append(cells_table(part, f"{pid}-cells-table"))
@@ -763,6 +771,8 @@ def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
         body.append(rankings(part, pid) or '<p class="muted">No ok cell to rank.</p>')
         body.append(f'<h3 id="{pid}-findings">Findings: the papers\' claims</h3>')
         body.append(findings_section(cells, f"{pid}-findings-table"))
+        body.append(f'<h3 id="{pid}-detection">Detection track: flagging the malicious contributor before merging</h3>')
+        body.append(detection_report.html_section(preset, (detection or {}).get(preset, []), mine, pid))
         body.append(f'<h3 id="{pid}-plots">Plots</h3>')
         plots = {}
         name = f"{pid}-acc-asr"
@@ -802,6 +812,15 @@ def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
                             "the preset's λ, and the tuning sweeps in docs/tuning hold clean dev ACC, no ASR), "
                             "so ASR against the merge λ itself is not plotted.",
                             "No stored sweep with ASR."))
+        points = (sweep_points or {}).get(preset, [])
+        if points:
+            name = f"{pid}-sweeps"
+            plots[name] = sweep_mod.plot(points, name)
+            body.append(_figure(name, plots[name],
+                                "Parameter sweeps (<code>mmbench run --sweep PLUGIN.PARAM=...</code>): ASR (solid) "
+                                "and ACC (dotted) against the swept value, one colour per attack/merger/defense, "
+                                "mean over the stored seeds; the preset's own cells give the point at its own "
+                                "value. Intervals are in README.md's sweep table.", "No sweep stored."))
         body.append('<p class="muted">Not plotted: the attacks\' triggers. They are tensors in the store\'s '
                     "artifacts, which are not committed with the results, and the page is built from the results "
                     "alone.</p>")
@@ -854,7 +873,9 @@ def _stuck_layers(coeffs: dict[str, Any]) -> str:
 
 
 def files_for(df: pd.DataFrame, results: list[dict[str, Any]], notes: str, out_dir: Path,
-              presets: Iterable[str] | None = None) -> dict[str, bytes]:
+              presets: Iterable[str] | None = None,
+              detection: dict[str, list[dict[str, Any]]] | None = None,
+              sweep_points: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, bytes]:
     """The page and its plots for ``mmbench leaderboard``, with the reported figures of
     ``<out_dir>/reported.json`` (validated: a bad entry is a one-line usage error, exit status 2)."""
     from .plugins import UsageError
@@ -863,7 +884,7 @@ def files_for(df: pd.DataFrame, results: list[dict[str, Any]], notes: str, out_d
         figures = reported.load(Path(out_dir) / reported.FILENAME, presets)
     except reported.ReportedError as exc:
         raise UsageError(str(exc)) from None
-    return render(df, results, notes, figures)
+    return render(df, results, notes, figures, detection, sweep_points)
 
 
 def write(files: dict[str, bytes], out_dir: Path) -> list[Path]:

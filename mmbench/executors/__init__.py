@@ -9,7 +9,7 @@ An executor is a plugin, registered through the ``mmbench_register_executors`` h
 * ``ray``: a Ray cluster (``pip install 'mmbench[ray]'``, ``--executor ray --address
   ADDRESS``; :mod:`mmbench.executors.ray_executor`).
 
-Every executor runs each stage through :func:`mmbench.execute.run_stage` against a store
+Every executor runs each stage through :func:`mmbench.worker.run_stage` against a store
 that every process it uses can reach, and schedules from the graph alone: a stage is
 started once every stage it needs is done. The driver (:func:`mmbench.run.execute_graph`)
 has already dropped the stages the store holds.

@@ -50,7 +50,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _run(key: str, force: bool) -> Outcome:
-    from ..execute import run_stage
+    from ..worker import run_stage
 
     return run_stage(_graph, _runtime, key, force)
 
@@ -83,7 +83,7 @@ class LocalExecutor:
 
     def _serial(self, graph: Graph, todo: list[Stage], forced: set[str], runtime: Runtime,
                 on_outcome: Callable[[Outcome], None], registry, echo) -> None:
-        from ..execute import Worker
+        from ..worker import Worker
 
         worker = Worker(graph, runtime, registry=registry, echo=echo)
         failed: dict[str, tuple[Stage, str]] = {}

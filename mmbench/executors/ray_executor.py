@@ -19,7 +19,7 @@ inside the tasks.) Ready stages go out long ones first (:data:`~mmbench.executor
 with at most twice the cluster's CPUs in flight, so that the ranking still means something
 to Ray's own queue.
 
-Each task runs :func:`mmbench.execute.run_stage` in a Ray worker process: it reads its
+Each task runs :func:`mmbench.worker.run_stage` in a Ray worker process: it reads its
 inputs from the store, computes under the store's lock on its key, and writes
 atomically, so the store must be one shared directory at the same path on every node.
 Resources: one CPU per task; on ``--device cuda`` also one GPU for the stages that do
@@ -80,7 +80,7 @@ def node_name() -> str:
 def _stage_task(graph: Graph, runtime: Runtime, key: str, force: bool, *inputs: Any) -> Outcome:
     """One stage, in a Ray worker process. ``inputs``: the Outcomes of the stages of this
     run it needs (all succeeded; passed so that Ray orders this task after theirs)."""
-    from ..execute import run_stage
+    from ..worker import run_stage
 
     out = run_stage(graph, runtime, key, force)
     out.node = node_name()

@@ -1,0 +1,1 @@
+"""mmbench's built-in detectors (the detection track): one method per file."""
