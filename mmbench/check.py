@@ -9,7 +9,10 @@ with defaults that pass their own checks, ``estimate`` returns a Cost or None):
 * merger: its clean merge is ``ok`` and gains ACC over the base model (a merger that returns θ_pre
   gains nothing); it also merges a BadNets cell; a rerun gives the same figures;
 * defense: its cells with ``ta`` are ``ok`` with and without an attack; ΔACC and ΔASR against
-  ``none`` are reported; a defended merge no better than the base model is flagged.
+  ``none`` are reported; a defended merge no better than the base model is flagged;
+* detector: its detect and screen stages on ``none`` and BadNets (with ``ta``) are ``ok``; the
+  contributor it flags, the malicious one's rank and AUROC are reported; a rerun gives the same
+  scores.
 
 Thresholds are loose on purpose (smoke is a sanity check, not a benchmark): a plugin that
 passes may still be weak; one that fails has a defect worth reading.
@@ -56,10 +59,10 @@ def check_plugin(name: str, registry, store_root: str | None = None, preset_name
     from .store import Store
 
     out: list[Finding] = []
-    kinds = [k for k in ("attack", "merger", "defense") if name in registry.names(k)]
+    kinds = [k for k in ("attack", "merger", "defense", "detector") if name in registry.names(k)]
     if not kinds:
         from .plugins import unknown_name
-        raise unknown_name("plugin", name, sorted({n for k in ("attack", "merger", "defense")
+        raise unknown_name("plugin", name, sorted({n for k in ("attack", "merger", "defense", "detector")
                                                    for n in registry.names(k)}), registry)
     kind = kinds[0]
     reg = registry.get(kind, name)
@@ -95,6 +98,9 @@ def check_plugin(name: str, registry, store_root: str | None = None, preset_name
     with tempfile.TemporaryDirectory(prefix="mmbench-check-") as tmp:
         root = store_root or tmp
         store = Store(root)
+        if kind == "detector":
+            _check_detector(out, name, preset, store, registry)
+            return out
         if kind == "attack":
             sel = dict(attacks=["none", name], mergers=["ta"], defenses=["none"])
         elif kind == "merger":
@@ -153,6 +159,41 @@ def check_plugin(name: str, registry, store_root: str | None = None, preset_name
             except TypeError as exc:  # the store would have refused it already; belt and braces
                 out.append(Finding("FAIL", f"its info is not JSON-able: {exc}"))
     return out
+
+
+def _check_detector(out: list[Finding], name: str, preset, store, registry) -> None:
+    """A detector on smoke: BadNets and no attack, screened under ``ta``, computed twice."""
+    from .run import run
+
+    sel = dict(attacks=["none", "badnets"] if "badnets" in registry.names("attack") else ["none"],
+               mergers=["ta"], defenses=["none"], detectors=[name])
+    first = run(preset, store, seeds=[0], registry=registry, jobs=1, **sel)
+    again = run(preset, store, seeds=[0], registry=registry, jobs=1, rerun="always", **sel)
+    for label, error in first.failed_stages:
+        out.append(Finding("FAIL", f"{label}: {error} (traceback in its result JSON under results/"
+                                   f"{preset.name}/detection/)"))
+    results = {r["id"]: r for r in first.detection}
+    for r in sorted(results.values(), key=lambda r: r["id"]):
+        if r.get("kind") == "detect":
+            scores = ", ".join(f"{t} {v:.3g}" for t, v in r["scores"].items())
+            if r.get("malicious"):
+                out.append(Finding("ok", f"on {r['attack']}: scores {scores}; flags {r['flagged']} (malicious: "
+                                         f"{r['malicious']}, rank {r['rank_of_malicious']}, AUROC {r['auroc']:.2f})"))
+            else:
+                out.append(Finding("ok", f"without an attack: scores {scores}; flags {r['flagged']}"))
+        else:
+            m = r.get("metrics") or {}
+            out.append(Finding("ok", f"screened {r['attack']}/ta without {r['left_out']}: ACC {100 * m['acc']:.1f}"
+                                     + (f", ASR {100 * m['asr']:.1f}" if m.get("asr") is not None else "")))
+    if not first.failed_stages and not results:
+        out.append(Finding("FAIL", "no detection result came back"))
+    before = {r["id"]: r.get("scores") for r in first.detection if r.get("kind") == "detect"}
+    after = {r["id"]: r.get("scores") for r in again.detection if r.get("kind") == "detect"}
+    differ = sorted(i for i in before if after.get(i) != before[i])
+    out.append(Finding("ok" if not differ else "FAIL",
+                       "a recomputation gives the same scores" if not differ else
+                       f"recomputing gives other scores for {', '.join(differ)}: draw randomness only from "
+                       "ctx.generator(...)"))
 
 
 def render(name: str, findings: list[Finding]) -> str:

@@ -417,8 +417,9 @@ def cmd_leaderboard(args) -> int:
             if extra:
                 sections[name] += "\n\n" + extra
     files = leaderboard.render(df, notes="\n\n".join(notes), findings=sections)
-    files["detection.csv"] = detection_report.frame([e for es in detection.values() for e in es]).to_csv(
-        index=False).encode()
+    entries = [e for es in detection.values() for e in es]
+    if entries:  # a detector is installed: the detection track's rows (not run ones included)
+        files["detection.csv"] = detection_report.frame(entries).to_csv(index=False).encode()
     if args.check:
         declared = set(expected)
         problems = [f"{r.preset} {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.status}"
@@ -440,7 +441,8 @@ def cmd_leaderboard(args) -> int:
         print("leaderboard up to date")
         return 0
     paths = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes), findings=sections)
-    paths += site.write({"detection.csv": files["detection.csv"]}, Path(args.out))
+    if "detection.csv" in files:
+        paths += site.write({"detection.csv": files["detection.csv"]}, Path(args.out))
     paths += site.write(site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"),
                                        detection, sweep_points), Path(args.out))
     print(f"wrote {', '.join(map(str, paths))} ({len(df)} cells: " +

@@ -183,9 +183,12 @@ def failed_result(graph: Graph, stage: Stage, error: str | None) -> dict[str, An
 
 def run(preset, store: Store | str, attacks: list[str] | None = None, mergers: list[str] | None = None,
         defenses: list[str] | None = None, seeds: list[int] | None = None, *, overrides=None, registry=None,
-        device: str = "cpu", jobs: int = 1, rerun: str = "missing", quiet: bool = True) -> Report:
+        device: str = "cpu", jobs: int = 1, rerun: str = "missing", quiet: bool = True,
+        detectors: list[str] | None = None) -> Report:
     """Plan and run a selection from Python (the CLI's ``mmbench run`` without the console):
-    ``run(preset, ".mmbench", ["badnets"], ["ta"], ["none"]).results``."""
+    ``run(preset, ".mmbench", ["badnets"], ["ta"], ["none"]).results``. ``detectors`` as the
+    CLI's ``--detector``: None runs every installed detector for the full cross product and none
+    for a slice; ``.detection`` holds their results."""
     from .execute import Runtime
     from .executors.local import LocalExecutor
     from .graph import plan
@@ -193,6 +196,8 @@ def run(preset, store: Store | str, attacks: list[str] | None = None, mergers: l
 
     registry = registry if registry is not None else load()
     store = store if isinstance(store, Store) else Store(store)
-    graph = plan(registry, preset, attacks, mergers, defenses, seeds, overrides)
+    if detectors is None and (attacks or mergers or defenses):
+        detectors = []
+    graph = plan(registry, preset, attacks, mergers, defenses, seeds, overrides, detectors=detectors)
     return execute_graph(graph, list(graph.cells), store, LocalExecutor(jobs), Runtime(str(store.root), device,
                          quiet=quiet), rerun=rerun, registry=registry)

@@ -154,3 +154,10 @@ def test_detector_parameters_are_checked(store_copy, capsys):
                  "--merger", "ta", "--defense", "none", "--set", "trigger_inversion.steps=0",
                  "--store", str(store_copy)]) == 2
     assert "steps" in capsys.readouterr().err
+
+
+def test_check_plugin_runs_a_detector_through_the_contract(capsys):
+    assert main(["check-plugin", "tv_cosine"]) == 0
+    out = capsys.readouterr().out
+    assert "on badnets: scores digits" in out and "flags" in out and "AUROC" in out
+    assert "a recomputation gives the same scores" in out and "passes the contract on smoke" in out

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import mmbench
-from mmbench.api import Param, StateDict
+from mmbench.api import Cost, Param, Sizes, StateDict
 from mmbench.detect import Detector, DetectorContext, Scores
 from mmbench.lazy import torch
 from mmbench.vectors import flatten, float_items
@@ -33,6 +33,9 @@ class TaskVectorCosine(Detector):
     description = "1 − mean cosine of a contributor's task vector to the others' (baseline)"
     params = {"reduce": Param("mean", "str", choices=("mean", "max"),
                               help="combine the cosines to the other contributors by mean or max")}
+
+    def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
+        return Cost(seconds=1.0, note="vector arithmetic only (assumed ~1 s at ViT-B-32 scale)")
 
     def score(self, pretrained: StateDict, task_vectors: dict[str, StateDict], ctx: DetectorContext,
               params: dict[str, Any]) -> Scores:
