@@ -568,10 +568,12 @@ def cmd_mechanisms(args) -> int:
 
     torch.set_num_threads(1)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    report = mechanisms.measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo)
+    measure, render = ((mechanisms.measure, mechanisms.text) if args.part == "backdoor" else
+                       (mechanisms.clean_ta, mechanisms.clean_ta_text))
+    report = measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    print(mechanisms.text(report))
+    print(render(report))
     return 0
 
 
@@ -722,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     mech.add_argument("--seed", type=int, default=0)
     mech.add_argument("--store", default=DEFAULT_STORE)
     mech.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    mech.add_argument("--part", default="backdoor", choices=["backdoor", "clean-ta"],
+                      help="backdoor: BV cosines and dilution (default); clean-ta: per task, what scaling a "
+                           "task vector and merging it with the others cost")
     mech.add_argument("--json", help="also write the figures to this file")
     mech.add_argument("--quiet", action="store_true")
     mech.set_defaults(func=cmd_mechanisms)

@@ -14,6 +14,11 @@ Three measurements, each on the test split (they report; nothing is chosen from 
   target task and the mean ACC over tasks.
 * **Dilution by the number of merged tasks**: the attacker's vector merged with the first
   k − 1 other tasks' clean vectors (preset order), k = 1 … all, at the preset's TA λ.
+* **Clean task arithmetic: scaling against interference** (``--part clean-ta``, no attack):
+  for each task t, the ACC of the base model, of θ_pre + λ·τ_t alone and of the clean TA
+  merge θ_pre + λ·Σ τ, at the preset's TA λ and at 1.0, with the cosines of the clean task
+  vectors. What θ_pre + λ·τ_t alone loses against the fine-tune is the price of scaling a
+  task vector down; what the merge loses beyond that is the other tasks' interference.
 
 Every fine-tune is a cached stage (the same keys as a run's), so this reuses a leaderboard
 run's stages and a rerun is fast.
@@ -41,9 +46,60 @@ def cosine(a: dict, b: dict) -> float:
     return dot / math.sqrt(na * nb) if na > 0 and nb > 0 else math.nan
 
 
+def clean_ta(registry, preset, store, device, seed: int,
+             echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Clean task arithmetic, per task: base, θ_pre + λ·τ_t alone, the TA merge, at the
+    preset's λ and 1.0; and the clean task vectors' pairwise cosines and norms."""
+    import torch
+
+    from .context import RunContext
+    from .execute import Runtime, Worker
+    from .graph import plan
+
+    if "ta" not in registry.names("merger"):
+        raise UsageError("mechanisms needs the merger 'ta', which is not installed")
+    graph = plan(registry, preset, ["none"], ["ta"], [registry.names("defense")[0]], [seed], {}, detectors=[])
+    w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
+    ctx = RunContext(w.shared, seed)
+    tasks = preset.task_names
+    pre = ctx.pretrained()
+    tv = {t: ctx.task_vector(t) for t in tasks}
+    ta_lambda = float(graph.params[("merger", "ta")]["lambda"])
+    per_task: dict[str, dict[str, float]] = {t: {"base": w.shared.accuracy(pre, t, "test"),
+                                                  "finetuned": w.shared.accuracy(ctx.clean_finetune(t), t, "test")}
+                                             for t in tasks}
+    with torch.no_grad():
+        for lam in dict.fromkeys((ta_lambda, 1.0)):
+            echo(f"  clean TA at λ {lam}")
+            merged = {k: pre[k] + lam * sum(tv[t][k] for t in tasks) if k in tv[tasks[0]] else pre[k] for k in pre}
+            for t in tasks:
+                alone = {k: pre[k] + lam * tv[t][k] if k in tv[t] else pre[k] for k in pre}
+                per_task[t][f"alone@{lam:g}"] = w.shared.accuracy(alone, t, "test")
+                per_task[t][f"merged@{lam:g}"] = w.shared.accuracy(merged, t, "test")
+    cos = [[cosine(tv[a], tv[b]) for b in tasks] for a in tasks]
+    norms = {t: math.sqrt(sum(float(v.double().pow(2).sum()) for v in tv[t].values())) for t in tasks}
+    return {"preset": preset.name, "seed": seed, "ta_lambda": ta_lambda, "tasks": list(tasks),
+            "per_task": per_task, "cosine": cos, "norms": norms}
+
+
+def clean_ta_text(report: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    tasks = report["tasks"]
+    cols = list(report["per_task"][tasks[0]])
+    lines = [f"# Clean task arithmetic: {report['preset']}, seed {report['seed']} (test ACC %)", ""]
+    rows = [[t, *[f"{100 * report['per_task'][t][c]:.1f}" for c in cols]] for t in tasks]
+    mean = ["mean", *[f"{100 * sum(report['per_task'][t][c] for t in tasks) / len(tasks):.1f}" for c in cols]]
+    lines.append(tabulate(rows + [mean], headers=["task", *cols], tablefmt="github", disable_numparse=True))
+    off = [report["cosine"][i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i < j]
+    lines += ["", f"Clean task vectors: pairwise cosine {min(off):+.3f} to {max(off):+.3f} (mean {sum(off) / len(off):+.3f}); "
+              "norms " + ", ".join(f"{t} {n:.2f}" for t, n in report["norms"].items())]
+    return "\n".join(lines)
+
+
 def measure(registry, preset, store, device, seed: int,
             echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """The three measurements of this module's docstring, as JSON-able data."""
+    """The backdoor measurements of this module's docstring, as JSON-able data."""
     import torch
 
     from .context import RunContext

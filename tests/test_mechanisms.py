@@ -45,3 +45,19 @@ def test_mechanisms_on_smoke(store_copy, tmp_path, capsys):
     assert math.isclose(report["asr_by_lambda"][-1]["asr"], report["asr_by_tasks"][-1]["asr"], abs_tol=1e-9)
     text = capsys.readouterr().out
     assert "pairwise cosine" in text and "against λ" in text
+
+
+def test_clean_ta_part_on_smoke(store_copy, tmp_path, capsys):
+    out = tmp_path / "clean.json"
+    assert main(["mechanisms", "--part", "clean-ta", "--preset", "smoke", "--store", str(store_copy),
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["tasks"] == ["digits", "photo_patches"] and report["ta_lambda"] == 1.0
+    for t in report["tasks"]:
+        row = report["per_task"][t]
+        # smoke's λ is 1.0: θ_pre + 1·τ_t alone is the fine-tuned model itself
+        assert set(row) == {"base", "finetuned", "alone@1", "merged@1"}
+        assert math.isclose(row["alone@1"], row["finetuned"])
+    m = report["cosine"]
+    assert math.isclose(m[0][0], 1.0, abs_tol=1e-9) and math.isclose(m[0][1], m[1][0], abs_tol=1e-12)
+    assert "Clean task vectors: pairwise cosine" in capsys.readouterr().out
