@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .graph import setting_tag
+
 REQUIRED = ("cell", "preset", "attack", "merger", "defense", "seed", "key", "status", "plugins")
 FRACTIONS = ("acc", "normalized_acc", "asr", "standalone_acc", "standalone_asr",
              "standalone_clean_acc", "standalone_clean_asr", "dev_acc")
@@ -40,9 +42,15 @@ def result_problems(result: Any, name: str = "", preset_dir: str = "") -> list[s
         out.append("seed must be an integer ≥ 0")
     if out:
         return out
-    cell = f"{result['attack']}__{result['merger']}__{result['defense']}__seed{result['seed']}"
+    setting = result.get("setting") or {}
+    if not isinstance(setting, dict) or any(not isinstance(v, dict) for v in setting.values()):
+        return out + ["setting must be an object of {plugin: {parameter: value}}"]
+    # a cell run with --set or --sweep carries its setting's tag in its id (graph.setting_tag)
+    tag = f"__{setting_tag(setting)}" if setting else ""
+    cell = f"{result['attack']}__{result['merger']}__{result['defense']}{tag}__seed{result['seed']}"
     if result["cell"] != cell:
-        out.append(f"cell {result['cell']!r} is not attack__merger__defense__seedN = {cell!r}")
+        what = "attack__merger__defense__set-...__seedN" if tag else "attack__merger__defense__seedN"
+        out.append(f"cell {result['cell']!r} is not {what} = {cell!r}")
     if name and name != result["cell"]:
         out.append(f"file name {name}.json is not the cell's, {result['cell']}.json")
     if preset_dir and preset_dir != result["preset"]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mmbench import leaderboard, reported, site, submissions
+from mmbench.graph import setting_tag
 
 
 def result(attack, defense, seed, acc, asr=None, counts=None, merger="ta", preset="p", **extra):
@@ -283,6 +284,16 @@ def test_submitted_results_are_checked(tmp_path):
     assert any("metrics.asr 0.5 is not asr_counts k/n = 90/100" in l for l in lines)
     assert submissions.result_problems({**good, "seed": -1})[0] == "seed must be an integer ≥ 0"
     assert submissions.result_problems({**good, "status": "stale"}) == ["status 'stale' is not ok or failed"]
+    # a cell run with --set or --sweep carries the setting's tag (graph.setting_tag) in its id
+    setting = {"ta": {"lambda": 0.3}}
+    swept = {**good, "setting": setting,
+             "cell": good["cell"].replace("__seed", f"__{setting_tag(setting)}__seed")}
+    assert setting_tag(setting).startswith("set-ta.lambda=0.3-")
+    assert submissions.result_problems(swept) == []
+    assert submissions.result_problems({**swept, "setting": {}})[0].startswith(
+        f"cell {swept['cell']!r} is not attack__merger__defense__seedN")
+    assert submissions.result_problems({**good, "setting": setting})[0].startswith(
+        f"cell {good['cell']!r} is not attack__merger__defense__set-...__seedN")
 
 
 def test_leaderboard_command_writes_and_checks_the_page(store_copy, tmp_path, monkeypatch, capsys):
