@@ -193,12 +193,14 @@ def test_run_time_vs_cells(perf, tmp_path):
              measured=f"{rerun:.1f} s", reference=f"the cold {cells}-cell run {seconds:.1f} s", ratio=speedup,
              ratio_label="× faster", target="≥ 20× faster", ok=speedup >= 20,
              note=f"with `--jobs 1`, in this process: {in_process:.1f} s",
-             fix="On smoke a one-cell rerun is mostly the fixed start of a run: the interpreter, torch and "
-                 "the plugins (the `mmbench plugins` figure above) and, with the default `--jobs` (one per "
-                 "core), spawned workers that each import torch and load the stored stages again. The local "
-                 "executor could run in-process when the stages to compute cannot use more than one worker "
-                 f"(`--jobs 1` measured {in_process:.1f} s here; `mmbench/executors/local.py`, not "
-                 "fingerprinted, not changed in this round: it is the executor the leaderboard run uses).")
+             fix="A one-cell rerun is a chain of stages, which the local executor already runs in this "
+                 "process (no worker start-up, whatever `--jobs`). What remains is the fixed start of any run "
+                 "that computes: the interpreter, `import torch` (about 2 s here, the 'import torch' reference "
+                 "of the start-up figures) and the plugins, then loading the stored stages the cell needs. "
+                 f"The target asks for {seconds / 20:.1f} s on smoke, whose whole cold run is only "
+                 f"{seconds:.0f} s, which is about what importing torch costs: not reachable by a process that "
+                 "computes with torch. On tiny, where stages cost minutes, the same rerun meets the target "
+                 "(the tiny figures).")
     before = results_digest(last_store)
     warm, proc = wall(run_args(last_store, "smoke", (None, None, None) if not QUICK else SELECTIONS[1], quiet=False))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -136,6 +136,23 @@ def _plots(rec: Recorder, folder: Path) -> list[tuple[str, str]]:
     return made
 
 
+CHANGES = "## Changes made"
+
+
+def changes_made(path: Path) -> list[str]:
+    """The hand-written "Changes made" section of the current file (a change to the code, with its
+    figure before and after), carried over unchanged: the rest of the file is generated."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if CHANGES not in text:
+        return []
+    section = text[text.index(CHANGES):]
+    end = section.find("\n## ", len(CHANGES))
+    section = section if end < 0 else section[:end]
+    return section.rstrip("\n").split("\n") + [""]
+
+
 def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,8 +177,10 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
                 kept += 1
         for name, data in previous.get("series", {}).items():
             rec.series.setdefault(name, data)
-        titles = {t for t, _ in rec.open_items}
-        rec.open_items += [tuple(o) for o in previous.get("open", []) if o[0] not in titles]
+        if kept:  # a partial run: the open items of the parts it did not run stay, marked
+            titles = {t for t, _ in rec.open_items}
+            rec.open_items += [(o[0], o[1] if "(from an earlier run)" in o[1] else f"{o[1]} (from an earlier run)")
+                               for o in previous.get("open", []) if o[0] not in titles]
         if kept and previous.get("suite_seconds"):
             seconds = previous["suite_seconds"]
     plots = _plots(rec, path.parent)
@@ -169,7 +188,7 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
         "# Performance",
         "",
         "Written by the benchmark suite (`.venv/bin/python -m pytest benchmarks`, `benchmarks/`); do not "
-        "edit by hand. Every figure is a ratio against a reference measured in the same run, so it holds "
+        "edit by hand, except the section \"Changes made\" at the end, which the suite carries over. Every figure is a ratio against a reference measured in the same run, so it holds "
         "on a noisy machine; the absolute figures are this machine's.",
         "",
         "## Machine",
@@ -212,9 +231,8 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
               "to `mmbench/{train,evaluate,execute,context,data,hf,...}.py` and `plugins/` are proposed, "
               "not made: their source is fingerprinted into the stage keys, so editing them recomputes "
               "the leaderboard.", "",
-              "Before and after: no measured code path changed in this round (those modules were frozen while "
-              "the leaderboard was being recomputed), so every figure above is the *before*; the *after* of "
-              "each proposal below is this suite rerun once the change is made.", ""]
+              "The figures above are this commit's; changes already made, each with its before and after, "
+              "are listed under \"Changes made\".", ""]
     n = 0
     for f in figures:
         if f.ok is False:
@@ -228,6 +246,7 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
     if n == 0:
         lines.append("Nothing: every figure meets its target.")
     lines.append("")
+    lines += changes_made(path)
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(
         {"machine": m, "suite_seconds": seconds, "figures": [asdict(f) for f in figures],
