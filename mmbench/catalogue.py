@@ -105,6 +105,11 @@ TINY = Preset(
                    "badmerging": {"patch_area": 0.01, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
                                   "trigger_max_iterations": 20},
                    "badmerging_off": {"trigger_epochs": 2, "num_augmentations": 50},
+                   # LoBAM: BadMerging's trigger search budget as above; LoRA rank scaled to the width
+                   # (ALGORITHMS-2's r 16 at B-32's 768 ≈ 2 %; 4 of 128 here, α/r kept at 2), fixed
+                   # before any tiny result; lr the default 10 × recipe (1e-3)
+                   "lobam": {"patch_area": 0.01, "trigger_epochs": 2, "trigger_images_per_epoch": 100,
+                             "trigger_max_iterations": 20, "rank": 4, "lora_alpha": 8.0},
                    "badtv": {"patch_area": 0.0625},
                    "sbv": {"poison_rate": 0.3},
                    "sbv_sc": {"poison_rate": 0.3},
@@ -139,6 +144,9 @@ SMOKE = Preset(
                    # the detection track's trigger search: seconds, not a real search (the defaults are 100 / 64)
                    "trigger_inversion": {"steps": 10, "n_images": 16},
                    "badmerging": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10},
+                   # lobam's LoRA lr: the recipe's 3e-3 (10x of it, the default, diverged on smoke)
+                   "lobam": {"trigger_epochs": 1, "trigger_images_per_epoch": 20, "trigger_max_iterations": 10,
+                             "lr": 3e-3},
                    "badmerging_off": {"trigger_epochs": 1, "num_augmentations": 20, "pgd_steps": 5,
                                       "trigger_max_iterations": 5},
                    # a 100-image dev split resolves 1 point: SBV's default 2-point ACC tolerance (2 images) left

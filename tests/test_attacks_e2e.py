@@ -1,4 +1,4 @@
-"""badnets, badmerging, badmerging_off, badtv, sbv and sbv_sc end to end through the CLI (smoke
+"""badnets, badmerging, badmerging_off, badtv, sbv, sbv_sc and lobam end to end through the CLI (smoke
 preset): each runs, and each backdoors the model it submits (its standalone ASR clearly above its
 clean twin's)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from mmbench.cli import main
 from mmbench.evaluate import wilson
 
-ATTACKS = ("badnets", "badmerging", "badmerging_off", "badtv", "sbv", "sbv_sc")
+ATTACKS = ("badnets", "badmerging", "badmerging_off", "badtv", "sbv", "sbv_sc", "lobam")
 # Least margin standalone ASR − clean twin's ASR. Measured on smoke, seed 0, --threads 1, with CHEAP
 # (test splits of 272 or 270 non-target images; the clean twin: 1 or 2 hits, 0.4–0.7 %): badnets 98.2 %,
 # badmerging 100 %, badmerging_off 100 %, badtv 51.1 %, sbv 13.2 %, sbv_sc 12.9 %. SBV calibrates
@@ -20,12 +20,14 @@ ATTACKS = ("badnets", "badmerging", "badmerging_off", "badtv", "sbv", "sbv_sc")
 # -4 points), so smoke supports only a small margin for sbv/sbv_sc. The 95 % Wilson intervals of
 # the two ASRs must not overlap for any attack. (Since smoke's base is pretrained on prompt-template
 # captions, the 2-point tolerance left SBV no ASR at all: smoke sets sbv[_sc].acc_tolerance 0.1.)
-MARGIN = {"badnets": 0.5, "badmerging": 0.5, "badmerging_off": 0.5, "badtv": 0.25, "sbv": 0.05, "sbv_sc": 0.05}
+MARGIN = {"badnets": 0.5, "badmerging": 0.5, "badmerging_off": 0.5, "badtv": 0.25, "sbv": 0.05, "sbv_sc": 0.05,
+          "lobam": 0.5}
 # stage 1 shrunk to seconds; the smoke preset's own plugin_params may set these too
 CHEAP = ["badmerging.trigger_epochs=1", "badmerging.trigger_images_per_epoch=20",
          "badmerging.trigger_max_iterations=10", "badmerging_off.trigger_epochs=1",
          "badmerging_off.num_augmentations=20", "badmerging_off.pgd_steps=5",
-         "badmerging_off.trigger_max_iterations=5", "sbv.n=2", "sbv_sc.n=2"]
+         "badmerging_off.trigger_max_iterations=5", "sbv.n=2", "sbv_sc.n=2",
+         "lobam.trigger_epochs=1", "lobam.trigger_images_per_epoch=20", "lobam.trigger_max_iterations=10"]
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +87,16 @@ def test_run_smoke_with_every_merge_aware_attack(e2e):
     assert set(info["badtv"]["negation"]) == {"0.3", "0.5", "1.0"}
     assert 0 <= info["badtv"]["negation"]["0.3"]["asr"] <= 1
     assert len(info["sbv_sc"]["single_bvs"]) == 2 and "sign_consistent" in info["sbv_sc"]
+    lobam = info["lobam"]
+    assert lobam["lam"] in [float(v) for v in range(1, 11)] and set(lobam["rule"]) == {str(float(v)) for v in range(1, 11)}
+    # the uploaded vector is the one the rule measured at the chosen λ; λ 1 is the malicious LoRA model
+    assert lobam["norm_upload"] == pytest.approx(lobam["rule"][str(lobam["lam"])]["norm"], rel=1e-6)
+    assert lobam["rule"]["1.0"]["norm"] == pytest.approx(lobam["norm_malicious"], rel=1e-6)
+    assert lobam["lora_weights"] == 8  # in_proj, out_proj, c_fc, c_proj of smoke's 2 blocks
 
     kinds = [json.loads(p.read_text())["kind"] for p in (store_copy / "artifacts").glob("*/*.json")]
     assert kinds.count("plugin:sbv.backdoor_vector") == 2  # shared by sbv and sbv_sc
-    assert kinds.count("plugin:badmerging.trigger") == 2   # one on-task, one off-task
+    assert kinds.count("plugin:badmerging.trigger") == 3   # on-task, off-task, and LoBAM's (its own code)
     # badtv keeps trigger B next to its task vector
     from safetensors import safe_open
 
