@@ -177,6 +177,10 @@ def _badmerging_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
             for a in ("badmerging", "badmerging_off") for m in mergers(df)}
 
 
+def _lobam_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
+    return {m: [by_seed(df, "asr", attack="lobam", merger=m, defense="none")] for m in mergers(df)}
+
+
 def _sbv_sc_vs_single(df: pd.DataFrame) -> dict[str, list[Values]]:
     out: Values = {}
     for _, r in _where(df, attack="sbv_sc", merger="ta", defense="none").iterrows():
@@ -242,6 +246,11 @@ CLAIMS: tuple[Claim, ...] = (
           "BadMerging keeps ≥ 90 % ASR under every merger",
           "badmerging/<merger>/none and badmerging_off/<merger>/none asr, per attack × merger",
           (Condition("ASR", ">=", 0.90),), _badmerging_survives),
+    Claim("lobam_survives", "LoBAM (Yin et al. 2024)",
+          "an attacker limited to LoRA keeps > 98 % ASR after merging by amplifying τ_mal − τ_ben",
+          "lobam/<merger>/none asr, per merger (info.attack.lam: the λ its rule chose)",
+          (Condition("ASR", ">", 0.98),), _lobam_survives,
+          note="the method is reconstructed from the abstract (no public code)"),
     Claim("sbv_sc_beats_single_bv", "Backdoor Vectors (SBV)",
           "SBV_SC's merged ASR beats the best single backdoor vector's",
           "sbv_sc/ta/none asr − max_i info.attack.single_bvs[i].probe_merged_asr (same seed)",

@@ -94,3 +94,29 @@ def test_the_replay_scan_gives_the_whole_models_dev_accuracy(smoke_store):
         w = prune(weights, fc, proj, torch.tensor(units, dtype=torch.long))
         whole = sum(ctx.accuracy(w, t, split="dev") for t in tasks) / len(tasks)
         assert scan.mean_accuracy(w) == pytest.approx(whole, abs=1e-12), len(units)
+
+
+def test_the_incremental_scan_matches_the_whole_model_and_the_scores(smoke_store):
+    """IncrementalScan subtracts pruned units' terms from the last block's output instead of
+    rerunning anything: its dev ACC must be the whole model's (up to float rounding: equal here)
+    for growing prefixes, for a set that is not a continuation, and its scores the plain pass's."""
+    from mmbench import presets
+    from mmbench.context import RunContext, SharedStages
+    from mmbench.store import Store
+    from mmbench_plugins.defenses.fine_pruning import FinePruning, IncrementalScan
+
+    ctx = RunContext(SharedStages(presets.SMOKE, Store(smoke_store), torch.device("cpu"), quiet=True), 0)
+    tasks = list(ctx.tasks)
+    weights = {k: v + ctx.task_vector(tasks[0])[k] for k, v in ctx.pretrained().items()}
+    fc, proj = last_mlp(weights)
+    assert IncrementalScan.supported(ctx.encoder(weights), fc, proj)
+    scan = IncrementalScan(ctx, weights, tasks, fc, proj)
+    assert torch.allclose(scan.scores, FinePruning.scores(ctx, weights, tasks, proj), atol=1e-6)
+    order = pruning_order(scan.scores)
+    seen = set()
+    for units in (order[:0], order[:10], order[:60], order[:128], order[5:20]):
+        w = prune(weights, fc, proj, units)
+        whole = sum(ctx.accuracy(w, t, split="dev") for t in tasks) / len(tasks)
+        seen.add(round(whole, 6))
+        assert scan.mean_accuracy(units) == pytest.approx(whole, abs=1e-12), units.numel()
+    assert len(seen) >= 3  # the prunings do change the accuracy: the comparison means something

@@ -178,6 +178,120 @@ class LastBlockScan:
             yield torch.zeros((y.numel(), *self.shape))
 
 
+class IncrementalScan:
+    """The pruning scan's mean dev ACC for a growing prefix of pruned units, each step costing
+    a few small matrix products and the model's head, not a pass through any block.
+
+    Zeroing unit j's ``c_fc`` row and bias makes its activation act(0) = 0, so the last block's
+    output y = r + ls_2(c_proj(a)) loses exactly ls_2(a_j · W_proj[:, j]): one pass over the dev
+    splits records each batch's ``c_fc`` input h and the block's output y; pruning more units
+    subtracts their terms, a_j recomputed from h (so only h, y and the running change are
+    kept: three times the last block's input per image). The output then goes through the
+    rest of the model (``ln_post``, pooling, ``proj``) by replaying it in place of the blocks.
+    Equal to the whole model up to float rounding (tests/test_defenses_fine_pruning.py);
+    used where the block is open_clip's (c_fc → activation → c_proj, act(0) = 0, ls_2 linear:
+    Identity or LayerScale), else :class:`LastBlockScan`. The same pass yields the units'
+    scores (mean activation over every token), so it replaces :meth:`FinePruning.scores`."""
+
+    @staticmethod
+    def supported(module: torch.nn.Module, fc: str, proj: str) -> bool:
+        mlp = module.get_submodule(fc.rsplit(".", 1)[0])
+        names = [n for n, _ in mlp.named_children()]
+        if len(names) != 3 or names[0] != fc.rsplit(".", 1)[1] or names[2] != proj.rsplit(".", 1)[1]:
+            return False
+        with torch.no_grad():
+            if float(getattr(mlp, names[1])(torch.zeros(1)).abs()) != 0.0:
+                return False
+        block = module.get_submodule(fc.rsplit(".", 2)[0])
+        ls = getattr(block, "ls_2", None)
+        return isinstance(ls, torch.nn.Identity) or (ls is not None and hasattr(ls, "gamma")
+                                                      and not getattr(ls, "inplace", False))
+
+    def __init__(self, ctx: Context, weights: StateDict, tasks: list[str], fc: str, proj: str) -> None:
+        from mmbench import train
+
+        self.ctx, self.tasks = ctx, tasks
+        self.autocast = lambda: train.autocast(ctx.device)
+        module = ctx.encoder(weights).eval()
+        self.module = module
+        mlp = module.get_submodule(fc.rsplit(".", 1)[0])
+        self.act = list(mlp.children())[1]
+        self.ls = module.get_submodule(fc.rsplit(".", 2)[0]).ls_2
+        self.w_fc = weights[f"{fc}.weight"].to(ctx.device).float()
+        b = weights.get(f"{fc}.bias")
+        self.b_fc = (b if b is not None else torch.zeros(self.w_fc.shape[0])).to(ctx.device).float()
+        self.w_proj = weights[f"{proj}.weight"].to(ctx.device).float()
+        blocks = module.get_submodule(fc.rsplit(".", 3)[0])
+        block = blocks[len(blocks) - 1]
+        self.batches: dict[str, list[dict[str, Any]]] = {t: [] for t in tasks}
+        seen: dict[str, Any] = {}
+        total, count = None, 0
+
+        def on_fc(_m, inputs):
+            seen["h"] = inputs[0].detach()
+
+        def on_proj(_m, inputs):
+            nonlocal total, count
+            a = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            total = a.sum(0) if total is None else total + a.sum(0)
+            count += a.shape[0]
+
+        def on_block(_m, _inputs, out):
+            seen["y"] = out.detach()
+        handles = [module.get_submodule(fc).register_forward_pre_hook(on_fc),
+                   module.get_submodule(proj).register_forward_pre_hook(on_proj),
+                   block.register_forward_hook(on_block)]
+        self.shape: tuple[int, ...] = ()
+        try:
+            with torch.no_grad(), self.autocast():
+                for task in tasks:
+                    for x, y in ctx.data(task).batches("dev", 256):
+                        module(x.to(ctx.device))
+                        self.batches[task].append({"h": seen["h"], "y": seen["y"], "labels": y,
+                                                   "delta": torch.zeros_like(seen["y"], dtype=torch.float32)})
+                        self.shape = tuple(x.shape[1:])
+        finally:
+            for h in handles:
+                h.remove()
+        self.scores = (total / max(count, 1)).cpu()
+        replay, passthrough = _replay_modules()
+        self.replay = replay()
+        blocks[0] = self.replay
+        for i in range(1, len(blocks)):
+            blocks[i] = passthrough()
+        self.pruned = torch.zeros(0, dtype=torch.long)
+
+    def mean_accuracy(self, units: torch.Tensor) -> float:
+        """Mean dev ACC with ``units`` pruned (fastest when ``units`` extends the previous call's)."""
+        units = units.to(torch.long).cpu()
+        k = self.pruned.numel()
+        if units.numel() >= k and torch.equal(units[:k], self.pruned):
+            new = units[k:]
+        else:  # not a continuation: start again from the merge
+            for batches in self.batches.values():
+                for b in batches:
+                    b["delta"].zero_()
+            new = units
+        self.pruned = units.clone()
+        index = new.to(self.ctx.device)
+        total = 0.0
+        with torch.no_grad():
+            for task in self.tasks:
+                correct = n = 0
+                for b in self.batches[task]:
+                    if index.numel():
+                        a = self.act(b["h"].float() @ self.w_fc[index].T + self.b_fc[index])
+                        b["delta"] -= self.ls(a @ self.w_proj[:, index].T)
+                    self.replay.cached = (b["y"].float() + b["delta"]).to(b["y"].dtype)
+                    with self.autocast():
+                        images = torch.zeros((b["labels"].numel(), *self.shape), device=self.ctx.device)
+                        logits = self.ctx.logits(self.module(images), task)
+                    correct += int((logits.argmax(-1).cpu() == b["labels"]).sum())
+                    n += b["labels"].numel()
+                total += correct / max(n, 1)
+        return total / len(self.tasks)
+
+
 class FinePruning(Defense):
     name = "fine_pruning"
     description = "Fine-pruning (Liu et al., 2018): prune the last MLP's dormant units on clean dev data, then fine-tune"
@@ -208,21 +322,13 @@ class FinePruning(Defense):
         tasks = list(task_vectors)
         weights = merged.weights
         fc, proj = last_mlp(weights)
-        scores = self.scores(ctx, weights, tasks, proj)
-        order = pruning_order(scores)
-        n_units = scores.numel()
-        per_step = max(1, round(params["prune_step"] * n_units))
 
         def dev_acc(w: StateDict) -> float:
             return sum(ctx.accuracy(w, t, split="dev") for t in tasks) / len(tasks)
 
-        scan = LastBlockScan(ctx, weights, tasks, fc, proj)
-        accuracies = [scan.mean_accuracy(weights)]
-        for count in range(per_step, n_units + per_step, per_step):
-            accuracies.append(scan.mean_accuracy(prune(weights, fc, proj, order[:min(count, n_units)])))
-            if accuracies[0] - accuracies[-1] > params["max_acc_drop"] + 1e-12:
-                break
-        del scan
+        order, accuracies = self.scan(ctx, weights, tasks, fc, proj, params)
+        n_units = order.numel()
+        per_step = max(1, round(params["prune_step"] * n_units))
         steps = choose_pruned(accuracies, params["max_acc_drop"])
         pruned = order[:min(steps * per_step, n_units)]
         weights = prune(weights, fc, proj, pruned)
@@ -237,6 +343,30 @@ class FinePruning(Defense):
             info.update(tuned)
             info["dev_acc_finetuned"] = dev_acc(weights)
         return Merged(weights, info)
+
+    @staticmethod
+    def scan(ctx: Context, weights: StateDict, tasks: list[str], fc: str, proj: str,
+             params: dict[str, Any]) -> tuple[torch.Tensor, list[float]]:
+        """(units by increasing score, mean dev ACC with 0, 1, 2, ... steps of them pruned),
+        stopping at the first step whose drop exceeds ``max_acc_drop``."""
+        if IncrementalScan.supported(ctx.encoder(weights), fc, proj):
+            fast = IncrementalScan(ctx, weights, tasks, fc, proj)
+            scores, accuracy = fast.scores, fast.mean_accuracy
+        else:  # any other block: the replay of the last block's input, pruned weights loaded
+            scores = FinePruning.scores(ctx, weights, tasks, proj)
+            slow = LastBlockScan(ctx, weights, tasks, fc, proj)
+
+            def accuracy(units: torch.Tensor) -> float:
+                return slow.mean_accuracy(prune(weights, fc, proj, units))
+        order = pruning_order(scores)
+        n_units = scores.numel()
+        per_step = max(1, round(params["prune_step"] * n_units))
+        accuracies = [accuracy(order[:0])]
+        for count in range(per_step, n_units + per_step, per_step):
+            accuracies.append(accuracy(order[:min(count, n_units)]))
+            if accuracies[0] - accuracies[-1] > params["max_acc_drop"] + 1e-12:
+                break
+        return order, accuracies
 
     @staticmethod
     def scores(ctx: Context, weights: StateDict, tasks: list[str], proj: str) -> torch.Tensor:
