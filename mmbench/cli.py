@@ -568,8 +568,9 @@ def cmd_mechanisms(args) -> int:
 
     torch.set_num_threads(1)
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    measure, render = ((mechanisms.measure, mechanisms.text) if args.part == "backdoor" else
-                       (mechanisms.clean_ta, mechanisms.clean_ta_text))
+    measure, render = {"backdoor": (mechanisms.measure, mechanisms.text),
+                       "clean-ta": (mechanisms.clean_ta, mechanisms.clean_ta_text),
+                       "regmean": (mechanisms.regmean, mechanisms.regmean_text)}[args.part]
     report = measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
@@ -724,9 +725,10 @@ def build_parser() -> argparse.ArgumentParser:
     mech.add_argument("--seed", type=int, default=0)
     mech.add_argument("--store", default=DEFAULT_STORE)
     mech.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    mech.add_argument("--part", default="backdoor", choices=["backdoor", "clean-ta"],
+    mech.add_argument("--part", default="backdoor", choices=["backdoor", "clean-ta", "regmean"],
                       help="backdoor: BV cosines and dilution (default); clean-ta: per task, what scaling a "
-                           "task vector and merging it with the others cost")
+                           "task vector and merging it with the others cost; regmean: BadMerging's and "
+                           "BadTV's ASR under RegMean against TA, the plain mean and two hybrids")
     mech.add_argument("--json", help="also write the figures to this file")
     mech.add_argument("--quiet", action="store_true")
     mech.set_defaults(func=cmd_mechanisms)

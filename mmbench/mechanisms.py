@@ -82,6 +82,74 @@ def clean_ta(registry, preset, store, device, seed: int,
             "per_task": per_task, "cosine": cos, "norms": norms}
 
 
+LINEAR = ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")
+
+
+def regmean(registry, preset, store, device, seed: int,
+            echo: Callable[[str], None] = lambda m: None,
+            attacks: tuple[str, ...] = ("badmerging", "badtv")) -> dict[str, Any]:
+    """Where a backdoor's ASR goes under RegMean: the plain RegMean merge against task
+    arithmetic at the preset's λ, the plain mean (TA at 1/K), and two hybrids that take the
+    linear layers RegMean solves from one merge and every other tensor from the other. Test
+    ACC (mean over tasks) and ASR of each, per attack; nothing here chooses anything."""
+    import torch
+
+    from .context import RunContext
+    from .execute import Runtime, Worker
+    from .graph import plan
+
+    for kind, name in (("merger", "regmean"), ("merger", "ta")):
+        if name not in registry.names(kind):
+            raise UsageError(f"mechanisms --part regmean needs the {kind} {name!r}, which is not installed")
+    out: dict[str, Any] = {"preset": preset.name, "seed": seed, "attacks": {}}
+    for attack in attacks:
+        if attack not in registry.names("attack"):
+            continue
+        graph = plan(registry, preset, [attack], ["regmean"], [registry.names("defense")[0]], [seed], {},
+                     detectors=[])
+        w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
+        ctx = RunContext(w.shared, seed)
+        result = w.attack(attack, seed)
+        pre = ctx.pretrained()
+        vectors = {t: ctx.task_vector(t) for t in preset.task_names}
+        vectors[result.task] = result.task_vector
+        reg = registry.get("merger", "regmean")
+        bound = ctx.bind((reg.name, reg.distribution, reg.key_version))
+        lam = float(plan(registry, preset, ["none"], ["ta"], [registry.names("defense")[0]], [seed], {},
+                         detectors=[]).params[("merger", "ta")]["lambda"])
+        with torch.no_grad():
+            merged = reg.obj.merge(pre, vectors, bound, dict(graph.params[("merger", "regmean")])).weights
+            ta = {k: pre[k] + lam * sum(v[k] for v in vectors.values()) for k in pre}
+            mean = {k: pre[k] + sum(v[k] for v in vectors.values()) / len(vectors) for k in pre}
+            linear = {k for k in pre if k.endswith(LINEAR) or k == "proj"}
+            variants = {
+                f"ta λ {lam:g}": ta,
+                "regmean": merged,
+                f"regmean linear + ta λ {lam:g} rest": {k: merged[k] if k in linear else ta[k] for k in pre},
+                f"ta λ {lam:g} linear + mean rest": {k: ta[k] if k in linear else mean[k] for k in pre},
+                f"mean (ta λ 1/{len(vectors)})": mean,
+            }
+            figures = {}
+            for name, weights in variants.items():
+                echo(f"  {attack}: {name}")
+                figures[name] = {
+                    "acc": sum(ctx.accuracy(weights, t) for t in preset.task_names) / len(preset.task_names),
+                    "asr": ctx.attack_success_rate(weights, result.target_task, result.trigger, result.target_class)}
+        out["attacks"][attack] = figures
+    return out
+
+
+def regmean_text(report: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    lines = [f"# Backdoors under RegMean: {report['preset']}, seed {report['seed']} (test, %)", ""]
+    for attack, figures in report["attacks"].items():
+        rows = [[name, f"{100 * f['acc']:.1f}", f"{100 * f['asr']:.1f}"] for name, f in figures.items()]
+        lines += [f"## {attack}", "", tabulate(rows, headers=["merge", "ACC", "ASR"], tablefmt="github",
+                                               disable_numparse=True), ""]
+    return "\n".join(lines).rstrip()
+
+
 def clean_ta_text(report: dict[str, Any]) -> str:
     from tabulate import tabulate
 

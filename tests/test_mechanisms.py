@@ -61,3 +61,22 @@ def test_clean_ta_part_on_smoke(store_copy, tmp_path, capsys):
     m = report["cosine"]
     assert math.isclose(m[0][0], 1.0, abs_tol=1e-9) and math.isclose(m[0][1], m[1][0], abs_tol=1e-12)
     assert "Clean task vectors: pairwise cosine" in capsys.readouterr().out
+
+
+def test_regmean_part_on_smoke(store_copy, tmp_path, capsys):
+    out = tmp_path / "regmean.json"
+    assert main(["mechanisms", "--part", "regmean", "--preset", "smoke", "--store", str(store_copy),
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["attacks"]) == {"badmerging", "badtv"}
+    # smoke: TA λ 1.0, two tasks, so the mean is TA at λ ½
+    for figures in report["attacks"].values():
+        assert list(figures) == ["ta λ 1", "regmean", "regmean linear + ta λ 1 rest",
+                                 "ta λ 1 linear + mean rest", "mean (ta λ 1/2)"]
+        assert all(0 <= f["acc"] <= 1 and 0 <= f["asr"] <= 1 for f in figures.values())
+    # the merge the harness makes: the cell badmerging/regmean/none of the same store has this ASR
+    assert main(["run", "--preset", "smoke", "--attack", "badmerging", "--merger", "regmean", "--defense", "none",
+                 "--store", str(store_copy), "--quiet"]) == 0
+    cell = json.loads((store_copy / "results" / "smoke" / "badmerging__regmean__none__seed0.json").read_text())
+    assert math.isclose(report["attacks"]["badmerging"]["regmean"]["asr"], cell["metrics"]["asr"])
+    assert "## badtv" in capsys.readouterr().out
