@@ -31,6 +31,10 @@ mmbench's adaptation to a merged ViT (RECONSTRUCTED; the paper has no transforme
    (reconstructed: the papers' 500 warm-up steps would span the whole run).
    ``finetune_steps=0`` gives pruning only.
 
+The scan's dev accuracies come from :class:`IncrementalScan` (one pass over the dev splits,
+then a subtraction per step; equal to evaluating each pruned model whole, up to float
+rounding) where the block is open_clip's, else from :class:`LastBlockScan`.
+
 ``Merged.info`` records the merger's info, the number of units and how many were
 pruned, the dev ACC of the merge, after pruning and after fine-tuning, and the
 fine-tune's final loss.
