@@ -211,12 +211,14 @@ class IncrementalScan:
         return isinstance(ls, torch.nn.Identity) or (ls is not None and hasattr(ls, "gamma")
                                                       and not getattr(ls, "inplace", False))
 
-    def __init__(self, ctx: Context, weights: StateDict, tasks: list[str], fc: str, proj: str) -> None:
+    def __init__(self, ctx: Context, weights: StateDict, tasks: list[str], fc: str, proj: str,
+                 module: torch.nn.Module | None = None) -> None:
         from mmbench import train
 
         self.ctx, self.tasks = ctx, tasks
         self.autocast = lambda: train.autocast(ctx.device)
-        module = ctx.encoder(weights).eval()
+        # the encoder holding ``weights`` (built here unless given); its blocks are replaced below
+        module = (module if module is not None else ctx.encoder(weights)).eval()
         self.module = module
         mlp = module.get_submodule(fc.rsplit(".", 1)[0])
         self.act = list(mlp.children())[1]
@@ -353,8 +355,9 @@ class FinePruning(Defense):
              params: dict[str, Any]) -> tuple[torch.Tensor, list[float]]:
         """(units by increasing score, mean dev ACC with 0, 1, 2, ... steps of them pruned),
         stopping at the first step whose drop exceeds ``max_acc_drop``."""
-        if IncrementalScan.supported(ctx.encoder(weights), fc, proj):
-            fast = IncrementalScan(ctx, weights, tasks, fc, proj)
+        module = ctx.encoder(weights)
+        if IncrementalScan.supported(module, fc, proj):
+            fast = IncrementalScan(ctx, weights, tasks, fc, proj, module=module)
             scores, accuracy = fast.scores, fast.mean_accuracy
         else:  # any other block: the replay of the last block's input, pruned weights loaded
             scores = FinePruning.scores(ctx, weights, tasks, proj)
