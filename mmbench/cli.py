@@ -71,7 +71,10 @@ def cmd_plugins(args) -> int:
         return _plugin_params(registry, args.params, args.preset)
     if args.preset:
         raise UsageError("plugins --preset goes with --params NAME")
-    rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description)
+    from .graph import opt_in
+
+    rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "",
+             r.description + (f" [opt-in: runs when named, e.g. --{r.kind} {r.name}]" if opt_in(r) else ""))
             for r in registry.all() if r.kind in ("attack", "merger", "defense", "detector", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
     return 0
@@ -339,17 +342,19 @@ def _stored_results(registry, store, presets: list[str],
     with other parameters, plugin versions or preset content) comes back with status "stale";
     the current keys are computed for the declared seeds and every seed the store holds, with
     ``overrides`` (``--set``) applied: results made with those settings are then the current ones."""
-    from .graph import plan
+    from .graph import default_names, plan_all
 
     installed = {(k, n) for k in ("attack", "merger", "defense") for n in registry.names(k)}
+    default = {("attack", "none")} | {(k, n) for k in ("attack", "merger", "defense") for n in default_names(registry, k)}
     expected, results = [], []
     for name in presets:
         p = _preset(registry, name)
         stored = store.results(name)
         seeds = sorted(set(p.seeds) | {r["seed"] for r in stored if isinstance(r.get("seed"), int)})
-        graph = plan(registry, p, seeds=seeds, overrides=overrides or {})
+        graph = plan_all(registry, p, seeds=seeds, overrides=overrides or {})  # opt-in plugins' keys too
         current = {c.id: graph.cell_keys[c] for c in graph.cells}
-        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in graph.cells if c.seed in p.seeds]
+        expected += [(name, c.attack, c.merger, c.defense, c.seed) for c in graph.cells if c.seed in p.seeds
+                     and {("attack", c.attack), ("merger", c.merger), ("defense", c.defense)} <= default]
         for r in stored:
             cell = r.get("cell")
             if cell in current:
@@ -422,9 +427,13 @@ def cmd_leaderboard(args) -> int:
         files["detection.csv"] = detection_report.frame(entries).to_csv(index=False).encode()
     if args.check:
         declared = set(expected)
+        seeds = {(c[0], c[4]) for c in declared}
+        # every default cell of the declared seeds must be ok; an opt-in plugin's cells need not be
+        # there, but a stored one must not be stale or failed
         problems = [f"{r.preset} {r.attack}/{r.merger}/{r.defense} seed {r.seed}: {r.status}"
                     for r in df.itertuples() if r.status in ("stale", "failed", "not run", "unreadable")
-                    and (r.preset, r.attack, r.merger, r.defense, r.seed) in declared]
+                    and ((r.preset, r.attack, r.merger, r.defense, r.seed) in declared
+                         or (r.status != "not run" and (r.preset, r.seed) in seeds))]
         problems += [line for es in detection.values() for line in detection_report.problems(es)]
         problems += leaderboard.differences(files, Path(args.out))
         page = site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"), detection,
@@ -454,7 +463,7 @@ def _why_prunable(registry, store, presets: list[str]) -> list[tuple[Path, str]]
     """(result file, why it can go) for every stored result that no current cell has: its plugin
     is not installed, its preset is gone, its key is not what its cell (with its own --set
     setting) gives now, or it cannot be read."""
-    from .graph import plan
+    from .graph import plan_all
 
     installed = {(k, n) for k in ("attack", "merger", "defense") for n in registry.names(k)}
     graphs: dict[tuple[str, str], Any] = {}
@@ -477,7 +486,7 @@ def _why_prunable(registry, store, presets: list[str]) -> list[tuple[Path, str]]
             memo = (name, json.dumps(setting, sort_keys=True))
             if memo not in graphs:
                 try:
-                    graphs[memo] = plan(registry, _preset(registry, name), seeds=sorted(
+                    graphs[memo] = plan_all(registry, _preset(registry, name), seeds=sorted(
                         {x["seed"] for x in store.results(name) if isinstance(x.get("seed"), int)}), overrides=setting)
                 except UsageError as exc:
                     graphs[memo] = exc

@@ -281,20 +281,40 @@ class Graph:
         return None
 
 
+def opt_in(reg: Registered) -> bool:
+    """Whether a plugin is opt-in: installed and runnable by name (``--defense awm``), but not
+    part of the default cross product (``opt_in = True`` on the plugin class; for methods whose
+    cells the published leaderboard does not hold yet, or that are too costly to run by default)."""
+    return bool(getattr(reg.obj, "opt_in", False))
+
+
+def default_names(registry, kind: str) -> list[str]:
+    """The installed plugins of ``kind`` that the default cross product runs (not opt-in)."""
+    return [n for n in registry.names(kind) if not opt_in(registry.get(kind, n))]
+
+
 def _selected(registry, kind: str, chosen: list[str] | None, extra: tuple[str, ...] = ()) -> list[str]:
     names = list(extra) + registry.names(kind)
     for name in chosen or []:
         if name not in names:
             raise unknown_name(kind, name, names)
-    return list(dict.fromkeys(chosen)) if chosen else names
+    return list(dict.fromkeys(chosen)) if chosen else list(extra) + default_names(registry, kind)
+
+
+def plan_all(registry, preset: Preset, seeds: list[int] | None = None,
+             overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Graph:
+    """The cells of every installed attack, merger and defense, opt-in ones included (no
+    detection track): the current key of any cell a store may hold."""
+    return plan(registry, preset, [NO_ATTACK] + registry.names("attack"), registry.names("merger"),
+                registry.names("defense"), seeds, overrides, detectors=[])
 
 
 def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: list[str] | None = None,
          defenses: list[str] | None = None, seeds: list[int] | None = None,
          overrides: Mapping[str, Mapping[str, Any]] | None = None,
          detectors: list[str] | None = None) -> Graph:
-    """The graph of the cross product of the selection (every installed plugin where a list is
-    None, the preset's seeds), with ``overrides`` (``--set``) applied. Every installed
+    """The graph of the cross product of the selection (every installed plugin that is not
+    opt-in where a list is None, the preset's seeds), with ``overrides`` (``--set``) applied. Every installed
     plugin's parameters are checked first, selected or not: a bad ``--set`` or preset value
     is a UsageError before anything runs. ``detectors``: the detection track's detectors
     (every installed one when None; ``[]`` for none), each run on every selected attack and

@@ -105,9 +105,9 @@ class Tuner:
         """A worker on the graph of (``name``, the first merger and defense) with ``overrides``
         (checked like --set), sharing this tuner's loaded stages across the grid."""
         from .execute import Runtime, Worker
-        from .graph import plan
+        from .graph import default_names, plan
 
-        pick = {k: [name] if k == kind else self.registry.names(k)[:1] for k in ("attack", "merger", "defense")}
+        pick = {k: [name] if k == kind else default_names(self.registry, k)[:1] for k in ("attack", "merger", "defense")}
         graph = plan(self.registry, self.preset, pick["attack"], pick["merger"], pick["defense"], self.seeds,
                      overrides)
         worker = Worker(graph, Runtime(str(self.store.root), str(self.device), quiet=True), registry=self.registry,
