@@ -73,8 +73,15 @@ def cmd_plugins(args) -> int:
         raise UsageError("plugins --preset goes with --params NAME")
     from .graph import opt_in
 
-    rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "",
-             r.description + (f" [opt-in: runs when named, e.g. --{r.kind} {r.name}]" if opt_in(r) else ""))
+    def mark(r) -> str:
+        if r.kind == "preset":
+            return f" [opt-in here: {', '.join(r.obj.opt_in)}]" if getattr(r.obj, "opt_in", ()) else ""
+        if opt_in(r):
+            return f" [opt-in: runs when named, e.g. --{r.kind} {r.name}]"
+        where = [p.name for p in registry.all() if p.kind == "preset" and r.name in getattr(p.obj, "opt_in", ())]
+        return f" [opt-in on {', '.join(where)}: runs there when named]" if where else ""
+
+    rows = [(r.kind, r.name, r.distribution, r.version, r.code if r.kind != "preset" else "", r.description + mark(r))
             for r in registry.all() if r.kind in ("attack", "merger", "defense", "detector", "preset")]
     print(tabulate(rows, headers=["kind", "name", "distribution", "version", "code", "description"]))
     return 0
@@ -345,10 +352,11 @@ def _stored_results(registry, store, presets: list[str],
     from .graph import default_names, plan_all
 
     installed = {(k, n) for k in ("attack", "merger", "defense") for n in registry.names(k)}
-    default = {("attack", "none")} | {(k, n) for k in ("attack", "merger", "defense") for n in default_names(registry, k)}
     expected, results = [], []
     for name in presets:
         p = _preset(registry, name)
+        default = {("attack", "none")} | {(k, n) for k in ("attack", "merger", "defense")
+                                           for n in default_names(registry, k, p)}
         stored = store.results(name)
         seeds = sorted(set(p.seeds) | {r["seed"] for r in stored if isinstance(r.get("seed"), int)})
         graph = plan_all(registry, p, seeds=seeds, overrides=overrides or {})  # opt-in plugins' keys too

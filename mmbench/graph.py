@@ -281,24 +281,26 @@ class Graph:
         return None
 
 
-def opt_in(reg: Registered) -> bool:
+def opt_in(reg: Registered, preset: Preset | None = None) -> bool:
     """Whether a plugin is opt-in: installed and runnable by name (``--defense awm``), but not
-    part of the default cross product (``opt_in = True`` on the plugin class; for methods whose
-    cells the published leaderboard does not hold yet, or that are too costly to run by default)."""
-    return bool(getattr(reg.obj, "opt_in", False))
+    part of the default cross product. A preset names its own (``Preset.opt_in``: methods whose
+    cells its published leaderboard does not hold yet, or too costly for it); a plugin may
+    declare itself opt-in everywhere (``opt_in = True`` on its class)."""
+    return bool(getattr(reg.obj, "opt_in", False)) or (preset is not None and reg.name in preset.opt_in)
 
 
-def default_names(registry, kind: str) -> list[str]:
-    """The installed plugins of ``kind`` that the default cross product runs (not opt-in)."""
-    return [n for n in registry.names(kind) if not opt_in(registry.get(kind, n))]
+def default_names(registry, kind: str, preset: Preset | None = None) -> list[str]:
+    """The installed plugins of ``kind`` that the default cross product (of ``preset``) runs."""
+    return [n for n in registry.names(kind) if not opt_in(registry.get(kind, n), preset)]
 
 
-def _selected(registry, kind: str, chosen: list[str] | None, extra: tuple[str, ...] = ()) -> list[str]:
+def _selected(registry, kind: str, chosen: list[str] | None, extra: tuple[str, ...] = (),
+              preset: Preset | None = None) -> list[str]:
     names = list(extra) + registry.names(kind)
     for name in chosen or []:
         if name not in names:
             raise unknown_name(kind, name, names)
-    return list(dict.fromkeys(chosen)) if chosen else list(extra) + default_names(registry, kind)
+    return list(dict.fromkeys(chosen)) if chosen else list(extra) + default_names(registry, kind, preset)
 
 
 def plan_all(registry, preset: Preset, seeds: list[int] | None = None,
@@ -320,10 +322,10 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
     (every installed one when None; ``[]`` for none), each run on every selected attack and
     screened under every selected merger."""
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-    a_names = _selected(registry, "attack", attacks, (NO_ATTACK,))
-    m_names = _selected(registry, "merger", mergers)
-    d_names = _selected(registry, "defense", defenses)
-    k_names = _selected(registry, "detector", detectors) if detectors != [] else []
+    a_names = _selected(registry, "attack", attacks, (NO_ATTACK,), preset)
+    m_names = _selected(registry, "merger", mergers, preset=preset)
+    d_names = _selected(registry, "defense", defenses, preset=preset)
+    k_names = _selected(registry, "detector", detectors, preset=preset) if detectors != [] else []
     if not m_names or not d_names:
         raise UsageError("no merger or no defense plugin is installed (is MMBENCH_PLUGINS too narrow?)")
     seed_list = list(dict.fromkeys(seeds)) if seeds else list(preset.seeds)

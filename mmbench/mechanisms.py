@@ -58,7 +58,7 @@ def clean_ta(registry, preset, store, device, seed: int,
 
     if "ta" not in registry.names("merger"):
         raise UsageError("mechanisms needs the merger 'ta', which is not installed")
-    graph = plan(registry, preset, ["none"], ["ta"], [default_names(registry, "defense")[0]], [seed], {}, detectors=[])
+    graph = plan(registry, preset, ["none"], ["ta"], [default_names(registry, "defense", preset)[0]], [seed], {}, detectors=[])
     w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
     ctx = RunContext(w.shared, seed)
     tasks = preset.task_names
@@ -105,7 +105,7 @@ def regmean(registry, preset, store, device, seed: int,
     for attack in attacks:
         if attack not in registry.names("attack"):
             continue
-        graph = plan(registry, preset, [attack], ["regmean"], [default_names(registry, "defense")[0]], [seed], {},
+        graph = plan(registry, preset, [attack], ["regmean"], [default_names(registry, "defense", preset)[0]], [seed], {},
                      detectors=[])
         w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
         ctx = RunContext(w.shared, seed)
@@ -115,7 +115,7 @@ def regmean(registry, preset, store, device, seed: int,
         vectors[result.task] = result.task_vector
         reg = registry.get("merger", "regmean")
         bound = ctx.bind((reg.name, reg.distribution, reg.key_version))
-        lam = float(plan(registry, preset, ["none"], ["ta"], [default_names(registry, "defense")[0]], [seed], {},
+        lam = float(plan(registry, preset, ["none"], ["ta"], [default_names(registry, "defense", preset)[0]], [seed], {},
                          detectors=[]).params[("merger", "ta")]["lambda"])
         with torch.no_grad():
             merged = reg.obj.merge(pre, vectors, bound, dict(graph.params[("merger", "regmean")])).weights

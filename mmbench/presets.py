@@ -92,6 +92,10 @@ class Preset:
     # each stage that depends on a seed has the seed in its own key)
     seeds: tuple[int, ...] = (0,)
     plugin_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ta": {"lambda": ...}
+    # plugins this preset's default cross product leaves out: they run when named (``--defense
+    # awm``) and the leaderboard shows, but does not require, their cells (not part of any key,
+    # so moving a plugin in or out of the default run keeps every stored cell current)
+    opt_in: tuple[str, ...] = ()
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -107,7 +111,7 @@ class Preset:
         """Everything that changes what the base model, data and fine-tunes are."""
         d = asdict(self)
         d["model"] = self.model.key()
-        for k in ("description", "plugin_params", "seeds"):
+        for k in ("description", "plugin_params", "seeds", "opt_in"):
             d.pop(k)
         for task in d["tasks"]:  # an unset per-task epochs leaves keys as before the field existed
             if task.get("epochs") is None:

@@ -107,7 +107,8 @@ class Tuner:
         from .execute import Runtime, Worker
         from .graph import default_names, plan
 
-        pick = {k: [name] if k == kind else default_names(self.registry, k)[:1] for k in ("attack", "merger", "defense")}
+        pick = {k: [name] if k == kind else default_names(self.registry, k, self.preset)[:1]
+                for k in ("attack", "merger", "defense")}
         graph = plan(self.registry, self.preset, pick["attack"], pick["merger"], pick["defense"], self.seeds,
                      overrides)
         worker = Worker(graph, Runtime(str(self.store.root), str(self.device), quiet=True), registry=self.registry,

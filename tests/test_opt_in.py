@@ -1,26 +1,41 @@
-"""Opt-in plugins (``opt_in = True``): installed and runnable by name, not in the default cross
-product; the leaderboard shows their stored cells and checks them for staleness without
-requiring them."""
+"""Opt-in plugins: installed and runnable by name, not in the default cross product (a preset's
+``opt_in`` names, or ``opt_in = True`` on a plugin); the leaderboard shows their stored cells and
+checks them for staleness without requiring them."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from types import SimpleNamespace
 
 from mmbench.cli import main
 
 
-def test_opt_in_defense_runs_only_when_named(store_copy, tmp_path, monkeypatch, capsys):
+def test_a_plugin_may_declare_itself_opt_in_everywhere():
     from mmbench import presets
+    from mmbench.graph import opt_in
+    from mmbench.plugins import Registered
+
+    reg = Registered("defense", "x", SimpleNamespace(opt_in=True), "pkg", "mod", "1")
+    plain = Registered("defense", "y", SimpleNamespace(), "pkg", "mod", "1")
+    assert opt_in(reg) and opt_in(reg, presets.SMOKE) and not opt_in(plain)
+    assert opt_in(plain, replace(presets.SMOKE, opt_in=("y",)))
+    assert presets.SMOKE.key() == replace(presets.SMOKE, opt_in=("y",)).key()   # in no stage key
+
+
+def test_opt_in_defense_runs_only_when_named(store_copy, tmp_path, monkeypatch, capsys):
     from mmbench.graph import default_names, plan
-    from mmbench.plugins import load
+    from mmbench.plugins import Registered, load
 
     monkeypatch.setenv("MMBENCH_PLUGINS", "ta,none,awm,presets,executors")
     registry = load()
-    assert registry.names("defense") == ["awm", "none"] and default_names(registry, "defense") == ["none"]
-    assert {c.defense for c in plan(registry, presets.SMOKE).cells} == {"none"}
-    assert {c.defense for c in plan(registry, presets.SMOKE, defenses=["awm"]).cells} == {"awm"}
+    smoke = replace(registry.get("preset", "smoke").obj, opt_in=("awm",))   # smoke with awm opt-in
+    monkeypatch.setitem(registry.items["preset"], "smoke", Registered("preset", "smoke", smoke, "t", "t", "0"))
+    assert registry.names("defense") == ["awm", "none"] and default_names(registry, "defense", smoke) == ["none"]
+    assert {c.defense for c in plan(registry, smoke).cells} == {"none"}
+    assert {c.defense for c in plan(registry, smoke, defenses=["awm"]).cells} == {"awm"}
     assert main(["plugins"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("defense") and " awm " in l)
-    assert "[opt-in: runs when named, e.g. --defense awm]" in line
+    assert "[opt-in on smoke, tiny: runs there when named]" in line     # tiny leaves awm out too
 
     board = tmp_path / "board"
     board_args = ["leaderboard", "--preset", "smoke", "--store", str(store_copy), "--out", str(board)]

@@ -190,9 +190,6 @@ class AdversarialWeightMasking(Defense):
     name = "awm"
     description = "AWM (Chai & Chen 2022), FusionBench's post-merge adaptation: soft mask on the merged task vector"
     merges_own_inputs = True  # masks the merge of the cell's own inputs: one shared merge stage
-    # runs when named (--defense awm), not in the default cross product: the published tiny
-    # leaderboard does not hold its cells yet (docs/methods.md)
-    opt_in = True
     uses_reference = False
     params = {
         "steps": Param(2000, "int", min=0, help="mask / perturbation steps"),
