@@ -125,6 +125,8 @@ def cmd_presets(args) -> int:
         if p.plugin_params:
             print("  sets: " + "; ".join(f"{plugin}." + ", ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
                                          for plugin, values in sorted(p.plugin_params.items())))
+        if p.opt_in:
+            print(f"  opt-in (run only when named): {', '.join(p.opt_in)}")
     return 0
 
 
@@ -419,7 +421,9 @@ def cmd_leaderboard(args) -> int:
         p = _preset(registry, name)
         overrides = "; ".join(f"{k}: {v}" for k, v in sorted(p.plugin_params.items())) or "none"
         notes.append(f"Preset `{name}`: {p.description}. Declared seeds: {', '.join(map(str, p.seeds))}. "
-                     f"Plugin parameters set by the preset: {overrides}.")
+                     f"Plugin parameters set by the preset: {overrides}."
+                     + (f" Opt-in plugins (their stored cells are shown, none is required): {', '.join(p.opt_in)}."
+                        if p.opt_in else ""))
     sections = {}
     for name in presets:
         cells = findings.frame(r for r in results if r.get("preset") == name)
