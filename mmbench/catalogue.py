@@ -114,7 +114,17 @@ TINY = Preset(
                    "sbv": {"poison_rate": 0.3},
                    "sbv_sc": {"poison_rate": 0.3},
                    "adamerging": {"steps": 100, "lr": 5e-3},
-                   "dam": {"steps": 100, "mask_lr": 3e-3}},
+                   "dam": {"steps": 100, "mask_lr": 3e-3},
+                   # AWM and SAU (not registered yet): compute budget, declared before any tiny result.
+                   # Unlike DAM's mask (one per attack, shared by every merger) theirs is learnt per
+                   # cell, after the merger; a step measured 1.0 s (AWM) and 2.2 s (SAU) beside a
+                   # 2-worker run, so the papers' 2000 steps would take over 20 and 40 min a cell.
+                   # 50 steps with every Adam lr × 40 keeps the papers' lr × steps (as AdaMerging's does)
+                   "awm": {"steps": 50, "lr": 4e-2, "adv_lr": 4e-3},
+                   "sau": {"steps": 50, "lr": 4e-2, "adv_lr": 4e-3}},
+    # run only when named: the published leaderboard does not hold all their cells yet (fine-pruning:
+    # seed 0's 48; awm, sau: none; docs/methods.md). Not in any key: taking a name out keeps its cells
+    opt_in=("awm", "fine_pruning", "sau"),
 )
 
 # the shipped base models `mmbench pretrain --preset NAME` rebuilds: preset → (recipe, file)
@@ -151,7 +161,10 @@ SMOKE = Preset(
                                       "trigger_max_iterations": 5},
                    # a 100-image dev split resolves 1 point: SBV's default 2-point ACC tolerance (2 images) left
                    # it no ASR on the smoke base (sbv 0.0 %); 10 points = 10 images
-                   "sbv": {"n": 2, "acc_tolerance": 0.1}, "sbv_sc": {"n": 2, "acc_tolerance": 0.1}},
+                   "sbv": {"n": 2, "acc_tolerance": 0.1}, "sbv_sc": {"n": 2, "acc_tolerance": 0.1},
+                   # fine-pruning's fine-tune: 20 steps, not 200 (a smoke cell 5.7 s → under 1 s)
+                   "fine_pruning": {"finetune_steps": 20},
+                   "awm": {"steps": 5}, "sau": {"steps": 5}},
 )
 
 

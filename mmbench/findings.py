@@ -221,8 +221,14 @@ def _defense_lowers_asr(defense: str) -> Measure:
     return measure
 
 
-def _dam(df: pd.DataFrame) -> dict[str, list[Values]]:
-    return {m: [defense_effect(df, "dam", m, "asr"), defense_effect(df, "dam", m, "acc")] for m in mergers(df)}
+def _asr_and_acc(defense: str) -> Measure:
+    def measure(df: pd.DataFrame) -> dict[str, list[Values]]:
+        return {m: [defense_effect(df, defense, m, "asr"), defense_effect(df, defense, m, "acc")]
+                for m in mergers(df)}
+    return measure
+
+
+_dam = _asr_and_acc("dam")
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -277,6 +283,14 @@ CLAIMS: tuple[Claim, ...] = (
           "DAM lowers ASR at a cost of ≤ 3 points of ACC",
           "per merger and seed, mean over attacks of paired (dam − none) asr and of (dam − none) acc",
           (Condition("ASR dam − none", "<", 0.0, True), Condition("ACC dam − none", ">=", -0.03, True)), _dam),
+    Claim("fine_pruning_lowers_asr", "Fine-Pruning (Liu et al. 2018)",
+          "fine-pruning weakens or removes the backdoor at a small cost in clean accuracy",
+          "per merger and seed, mean over attacks of paired (fine_pruning − none) asr and of "
+          "(fine_pruning − none) acc",
+          (Condition("ASR fine_pruning − none", "<", 0.0, True),
+           Condition("ACC fine_pruning − none", ">=", -0.01, True)), _asr_and_acc("fine_pruning"),
+          note="ACC threshold reconstructed (the abstract: a 0.4-point drop); the adaptation to a merged "
+               "ViT is reconstructed, and it fine-tunes on labelled dev data"),
 )
 
 

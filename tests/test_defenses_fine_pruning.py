@@ -45,8 +45,8 @@ def test_stop_before_the_dev_acc_drop_exceeds_the_threshold():
 
 
 def test_fine_pruning_on_smoke(smoke_store):
-    """The whole defense on smoke's clean TA merge, called as the harness calls it (the plugin is
-    not registered yet: its tiny cells are still to be computed, docs/methods.md)."""
+    """The whole defense on smoke's clean TA merge, called as the harness calls it, with a
+    shorter fine-tune (its own figures checked; the CLI path is the other defenses')."""
     from mmbench import presets
     from mmbench.api import BoundMerger
     from mmbench.context import RunContext, SharedStages
