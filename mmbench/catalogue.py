@@ -165,6 +165,8 @@ SMOKE = Preset(
                    # fine-pruning's fine-tune: 20 steps, not 200 (a smoke cell 5.7 s → under 1 s)
                    "fine_pruning": {"finetune_steps": 20},
                    "awm": {"steps": 5}, "sau": {"steps": 5}},
+    # as on tiny (their tests run them on smoke by name): the whole cross product stays 144 cells
+    opt_in=("awm", "fine_pruning", "sau"),
 )
 
 
