@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # torch is imported where a tensor is touched: planning a run
 StateDict = dict[str, "torch.Tensor"]
 
 # The plugin API's version: 2 added Cost / Plugin.estimate, Defense.merges_own_inputs and
-# Context.checkpoint (all optional, with defaults: a plugin written for version 1 works unchanged).
-API_VERSION = 2
+# Context.checkpoint (all optional, with defaults: a plugin written for version 1 works unchanged);
+# 3 added AttackResult.contributions and the opt_in class attribute (optional too).
+API_VERSION = 3
 
 __all__ = [
     "StateDict", "Trigger", "AttackResult", "Merged", "Attack", "Merger", "Defense",
@@ -106,6 +107,11 @@ class AttackResult:
     artifacts to keep (stored with the attack's stage); ``info`` is JSON-able
     and lands in every cell's result (hyperparameters, figures the attack
     measured itself, e.g. BadTV's ASR under negation).
+
+    ``contributions`` are the attacker's further uploads, for attacks that control more than
+    one contributor (MergeBackdoor): task name -> task vector, each replacing that task's
+    clean vector in every merge beside ``task_vector``. The detection track labels every
+    replaced contributor malicious, and the harness measures each upload alone.
     """
 
     task: str
@@ -115,10 +121,18 @@ class AttackResult:
     target_task: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     tensors: StateDict = field(default_factory=dict)
+    contributions: dict[str, StateDict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.target_task is None:
             self.target_task = self.task
+        if self.task in self.contributions:
+            raise PluginError(f"an attack's contributions name its own task {self.task!r}; "
+                              "its vector for that task is task_vector")
+
+    def uploads(self) -> dict[str, StateDict]:
+        """Every vector the attacker contributes: its task's first, then the others'."""
+        return {self.task: self.task_vector, **self.contributions}
 
 
 @dataclass
@@ -210,6 +224,9 @@ class _Plugin:
     # name -> default value: derived from ``params`` by the class; a plugin that sets only
     # ``defaults`` (the older contract) gets declarations inferred from the defaults' types
     defaults: ClassVar[dict[str, Any]] = {}
+    # True: left out of every preset's default cross product, run only when named (a preset
+    # can also name plugins opt-in for itself: Preset.opt_in)
+    opt_in: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -121,7 +121,13 @@ TINY = Preset(
                    # 2-worker run, so the papers' 2000 steps would take over 20 and 40 min a cell.
                    # 50 steps with every Adam lr × 40 keeps the papers' lr × steps (as AdaMerging's does)
                    "awm": {"steps": 50, "lr": 4e-2, "adv_lr": 4e-3},
-                   "sau": {"steps": 50, "lr": 4e-2, "adv_lr": 4e-3}},
+                   "sau": {"steps": 50, "lr": 4e-2, "adv_lr": 4e-3},
+                   # MergeBackdoor: the code's 10 epochs (not the preset's 5) and BadNets' 4×4 px patch.
+                   # Chosen on the attacker's own dev figures (seed 0, TA): at the preset's 5 epochs its
+                   # shadow merge θ_pre + ½(τ_A + τ_B) reached a dev ASR of 4.8 % with the paper's
+                   # relative size (1 px here), 6.1 % with 2×2 and 9.3 % with 4×4, still rising: trained
+                   # too briefly to carry the backdoor (docs/presets.md)
+                   "merge_backdoor": {"patch_area": 0.015625, "epochs": 10}},
     # run only when named: the published leaderboard holds none of their cells yet (docs/methods.md).
     # Not in any key: taking a name out keeps its cells (fine-pruning left this list with its 3 seeds)
     opt_in=("awm", "sau"),

@@ -177,8 +177,10 @@ def _check_detector(out: list[Finding], name: str, preset, store, registry) -> N
         if r.get("kind") == "detect":
             scores = ", ".join(f"{t} {v:.3g}" for t, v in r["scores"].items())
             if r.get("malicious"):
+                auc = "none (no clean contributor)" if r.get("auroc") is None else f"{r['auroc']:.2f}"
                 out.append(Finding("ok", f"on {r['attack']}: scores {scores}; flags {r['flagged']} (malicious: "
-                                         f"{r['malicious']}, rank {r['rank_of_malicious']}, AUROC {r['auroc']:.2f})"))
+                                         f"{', '.join(r.get('malicious_all') or [r['malicious']])}, "
+                                         f"rank {r['rank_of_malicious']}, AUROC {auc})"))
             else:
                 out.append(Finding("ok", f"without an attack: scores {scores}; flags {r['flagged']}"))
         else:

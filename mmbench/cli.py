@@ -278,8 +278,10 @@ def _detection_lines(results: list[dict]) -> list[str]:
         if r.get("kind") == "detect":
             auc = r.get("auroc")
             lines.append(f"{head}  seed {r.get('seed')}  flags {r.get('flagged')}"
-                         + (f" (malicious: {r.get('malicious')}, rank {r.get('rank_of_malicious')}, AUROC {auc:.2f})"
-                            if auc is not None else " (no attack)"))
+                         + (f" (malicious: {', '.join(r.get('malicious_all') or [r.get('malicious')])}, "
+                            f"rank {r.get('rank_of_malicious')}, AUROC {auc:.2f})" if auc is not None
+                            else " (every contributor malicious: no AUROC)" if r.get("malicious")
+                            else " (no attack)"))
         else:
             m = r.get("metrics") or {}
             lines.append(f"{head} {r.get('merger', '?'):>10}  seed {r.get('seed')}  without {r.get('left_out')}: "

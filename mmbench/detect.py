@@ -168,19 +168,12 @@ class DetectorContext:
 
 
 def vector_digest(vector: StateDict) -> str:
-    """sha256 of a state dict's names, dtypes, shapes and bytes: a cache key for work on one
-    contributor's vector (the same clean vector recurs in every attack of a seed)."""
-    import hashlib
+    """sha256 of a state dict's names, dtypes, shapes and bytes (:func:`mmbench.vectors.digest`):
+    a cache key for work on one contributor's vector (the same clean vector recurs in every
+    attack of a seed)."""
+    from .vectors import digest
 
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(vector):
-        t = vector[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return digest(vector)
 
 
 # --- AUROC ----------------------------------------------------------------------------------
@@ -254,6 +247,26 @@ def _finish(worker: Any, stage: "Stage", result: dict[str, Any], start: float) -
     return result
 
 
+def malicious_of(result: dict[str, Any]) -> list[str]:
+    """The malicious contributors of a detect result: ``malicious_all``, or its one ``malicious``."""
+    if result.get("malicious_all"):
+        return list(result["malicious_all"])
+    return [result["malicious"]] if result.get("malicious") else []
+
+
+def malicious_figures(scores: dict[str, float], malicious: list[str]) -> dict[str, Any]:
+    """AUROC of the malicious contributors' scores against the clean ones', the rank of the most
+    suspicious malicious one (1 = flagged first) and how many clean ones tie with it; None
+    without an attack."""
+    if not malicious:
+        return {"auroc": None, "rank_of_malicious": None, "tied_with_malicious": None}
+    top = max(scores[t] for t in malicious)
+    clean = [s for t, s in scores.items() if t not in malicious]
+    return {"auroc": auroc([scores[t] for t in malicious], clean),
+            "rank_of_malicious": 1 + sum(s > top for s in clean),
+            "tied_with_malicious": sum(s == top for s in clean)}
+
+
 def run_detect(worker: Any, stage: "Stage", force: bool = False) -> dict[str, Any]:
     """The detect stage: the detector's scores over the attack's contributors."""
     from .context import RunContext
@@ -271,7 +284,9 @@ def run_detect(worker: Any, stage: "Stage", force: bool = False) -> dict[str, An
         ctx = DetectorContext(RunContext(worker.shared, stage.seed).bind((reg.name, reg.distribution,
                                                                           reg.key_version)))
         vectors = worker.cell_vectors(stage.attack, stage.seed)
-        malicious = None if stage.attack == NO_ATTACK else worker.attack(stage.attack, stage.seed).task
+        # every contributor the attacker replaced (one, or more for MergeBackdoor); its own task first
+        uploads = [] if stage.attack == NO_ATTACK else list(worker.attack(stage.attack, stage.seed).uploads())
+        malicious = uploads[0] if uploads else None
         out = reg.obj.score(worker.shared.pretrained(), vectors, ctx, dict(p["detector_params"]))
         if not isinstance(out, Scores):
             raise PluginError(f"detector {reg.name!r} returned {type(out).__name__}, not Scores")
@@ -283,13 +298,8 @@ def run_detect(worker: Any, stage: "Stage", force: bool = False) -> dict[str, An
         if bad:
             raise PluginError(f"detector {reg.name!r} gave a non-finite score to {bad[0]!r}")
         flagged = most_suspicious(scores, tasks)
-        result.update(status="ok", scores=scores, malicious=malicious, flagged=flagged, info=out.info,
-                      auroc=auroc([scores[malicious]], [s for t, s in scores.items() if t != malicious])
-                      if malicious else None,
-                      rank_of_malicious=(1 + sum(s > scores[malicious] for s in scores.values()))
-                      if malicious else None,
-                      tied_with_malicious=sum(s == scores[malicious] for t, s in scores.items() if t != malicious)
-                      if malicious else None)
+        result.update(status="ok", scores=scores, malicious=malicious, malicious_all=uploads, flagged=flagged,
+                      info=out.info, **malicious_figures(scores, uploads))
     except (UsageError, KeyboardInterrupt):
         raise
     except Exception as exc:  # stored with its traceback, then raised: the run reports the stage failed
@@ -342,7 +352,7 @@ def run_screen(worker: Any, stage: "Stage", force: bool = False) -> dict[str, An
         _, made = worker.shared.stage(f"merge {stage.attack}/{stage.merger} without {left_out} (seed {stage.seed})",
                                       key, "screen-merge", compute, memo=False)
         result.update(status="ok", left_out=left_out, malicious=detected.get("malicious"),
-                      left_out_malicious=left_out == detected.get("malicious"),
+                      left_out_malicious=left_out in malicious_of(detected),
                       metrics=made["metrics"], info={"merge": made["merge"]})
     except (UsageError, KeyboardInterrupt):
         raise

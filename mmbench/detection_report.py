@@ -2,10 +2,11 @@
 
 * **Detection** (per detector and attack): AUROC of the suspicion scores, the malicious
   contributor against the clean ones. Per seed there is one malicious and K−1 clean
-  contributors, so a seed's AUROC is the fraction of clean contributors scored below the
-  malicious one (ties count one half); the table gives its mean ± 95 % t-interval over
-  seeds, the AUROC pooled over seeds (every seed's malicious score against every seed's
-  clean scores), and in how many seeds the malicious contributor was the most suspicious.
+  contributors (two malicious for an attack that uploads two, MergeBackdoor), so a seed's
+  AUROC is the fraction of (malicious, clean) pairs where the malicious one scores higher
+  (ties count one half); the table gives its mean ± 95 % t-interval over seeds, the AUROC
+  pooled over seeds (every seed's malicious scores against every seed's clean scores), and
+  in how many seeds a malicious contributor was the most suspicious.
 * **Screening** (per detector, attack and merger): the merge without the most suspicious
   contributor against the plain merge (the cell ``attack/merger/none``): ASR and
   normalised ACC, each mean ± t-interval, and the paired difference screened − plain.
@@ -92,7 +93,7 @@ def frame(entries: list[dict[str, Any]]) -> pd.DataFrame:
 
 def detection_table(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (detector, attack) with an attack: AUROC over seeds, pooled AUROC, seeds flagged."""
-    from .detect import auroc
+    from .detect import auroc, malicious_of
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for e in entries:
@@ -101,12 +102,12 @@ def detection_table(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (detector, attack), group in sorted(groups.items()):
         group.sort(key=lambda e: e["seed"])
-        pos = [e["scores"][e["malicious"]] for e in group]
-        neg = [s for e in group for t, s in e["scores"].items() if t != e["malicious"]]
+        pos = [e["scores"][t] for e in group for t in malicious_of(e)]
+        neg = [s for e in group for t, s in e["scores"].items() if t not in malicious_of(e)]
         rows.append({"detector": detector, "attack": attack, "n": len(group),
                      "auroc": stats.t_interval(e["auroc"] for e in group),
                      "pooled": auroc(pos, neg),
-                     "flagged": sum(e["flagged"] == e["malicious"] for e in group),
+                     "flagged": sum(e["flagged"] in malicious_of(e) for e in group),
                      "rank": stats.t_interval(e["rank_of_malicious"] for e in group),
                      "seeds": [e["seed"] for e in group]})
     return rows

@@ -189,15 +189,22 @@ class Worker:
             tensors = {f"task_vector.{k}": v for k, v in result.task_vector.items()}
             tensors.update(result.trigger.to_tensors())
             tensors.update({f"extra.{k}": v for k, v in result.tensors.items()})
+            # the attacker's further uploads, by position (a task name may hold any character)
+            for i, vector in enumerate(result.contributions.values()):
+                tensors.update({f"contribution.{i}.{k}": v for k, v in vector.items()})
             info = {"task": result.task, "target_task": result.target_task, "target_class": result.target_class,
-                    "info": result.info, "standalone": self.standalone(ctx, result), "params": params}
+                    "info": result.info, "standalone": self.standalone(ctx, result), "params": params,
+                    "contributions": list(result.contributions)}
             return tensors, info
         tensors, info = self.shared.stage(stage.label, stage.key, "attack", compute, force=force)
+
+        def part(prefix: str) -> StateDict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return AttackResult(
             task=info["task"], target_task=info["target_task"], target_class=info["target_class"],
-            task_vector={k[len("task_vector."):]: v for k, v in tensors.items() if k.startswith("task_vector.")},
-            trigger=Trigger.from_tensors(tensors), info={**info["info"], "standalone": info["standalone"]},
-            tensors={k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+            task_vector=part("task_vector."), trigger=Trigger.from_tensors(tensors),
+            info={**info["info"], "standalone": info["standalone"]}, tensors=part("extra."),
+            contributions={t: part(f"contribution.{i}.") for i, t in enumerate(info.get("contributions", []))})
 
     def standalone(self, ctx: RunContext, result: AttackResult) -> dict[str, Any]:
         """The attacked model alone (θ_pre + τ_adv) and its clean twin, before any merge: ACC on
@@ -217,20 +224,46 @@ class Worker:
         acc, asr = acc_asr(backdoored, "test")
         clean_acc, clean_asr = acc_asr(clean, "test")
         dev_acc, dev_asr = acc_asr(backdoored, "dev")
-        return {"acc": rate(*acc), "asr": rate(*asr), "clean_acc": rate(*clean_acc), "clean_asr": rate(*clean_asr),
-                "acc_counts": acc, "asr_counts": asr, "clean_acc_counts": clean_acc,
-                "clean_asr_counts": clean_asr, "dev_acc": rate(*dev_acc), "dev_asr": rate(*dev_asr)}
+        out: dict[str, Any] = {
+            "acc": rate(*acc), "asr": rate(*asr), "clean_acc": rate(*clean_acc), "clean_asr": rate(*clean_asr),
+            "acc_counts": acc, "asr_counts": asr, "clean_acc_counts": clean_acc,
+            "clean_asr_counts": clean_asr, "dev_acc": rate(*dev_acc), "dev_asr": rate(*dev_asr)}
+        if result.contributions:
+            out["contributions"] = {t: self.upload_alone(ctx, result, t, v) for t, v in result.contributions.items()}
+        return out
+
+    def upload_alone(self, ctx: RunContext, result: AttackResult, task: str, vector: StateDict) -> dict[str, Any]:
+        """One further upload alone (θ_pre + τ) and its task's clean twin, on that task's test split:
+        ACC, and ASR with the attack's trigger and target class (None where the task has no such
+        class). The same trigger and target on every upload is what MergeBackdoor does."""
+        pre = ctx.pretrained()
+        weights = {k: pre[k] + v for k, v in vector.items()}
+        shared = ctx.shared
+        if result.target_class >= int(ctx.head(task).shape[0]):
+            acc = list(shared.accuracy_counts(weights, task, "test"))
+            clean = list(shared.accuracy_counts(ctx.clean_finetune(task), task, "test"))
+            return {"acc": rate(*acc), "acc_counts": acc, "clean_acc": rate(*clean), "asr": None, "asr_counts": None,
+                    "clean_asr": None}
+        both = shared.evaluate(weights, task, "test", result.trigger, result.target_class)
+        twin = shared.evaluate(ctx.clean_finetune(task), task, "test", result.trigger, result.target_class)
+        return {"acc": rate(*both["acc_counts"]), "acc_counts": both["acc_counts"], "asr": rate(*both["asr_counts"]),
+                "asr_counts": both["asr_counts"], "clean_acc": rate(*twin["acc_counts"]),
+                "clean_asr": rate(*twin["asr_counts"])}
 
     def cell_vectors(self, attack: str, seed: int) -> dict[str, StateDict]:
         """Every task's clean task vector, the attack's replacing its task's."""
         ctx = RunContext(self.shared, seed)
         vectors = {t: ctx.task_vector(t) for t in self.preset.task_names}
         if attack != NO_ATTACK:
-            result = self.attack(attack, seed)
-            if result.task not in vectors:
-                raise PluginError(f"attack task {result.task!r} is not a task of preset {self.preset.name!r}")
-            vectors[result.task] = result.task_vector
+            self.replace(vectors, self.attack(attack, seed))
         return vectors
+
+    def replace(self, vectors: dict[str, StateDict], attack: AttackResult) -> None:
+        """Put every upload of ``attack`` in place of its task's clean vector."""
+        for task, vector in attack.uploads().items():
+            if task not in vectors:
+                raise PluginError(f"attack task {task!r} is not a task of preset {self.preset.name!r}")
+            vectors[task] = vector
 
     def merge(self, stage: Stage, pretrained: StateDict, vectors: dict[str, StateDict],
               force: bool = False, compute: Callable[[], Merged] | None = None) -> Merged:
@@ -284,11 +317,11 @@ class Worker:
                 result["params"]["attack"] = params["attack"]
                 attack = self.attack(cell.attack, cell.seed)
                 result["durations"]["attack"] = time.perf_counter() - t0
-                if attack.task not in vectors:
-                    raise PluginError(f"attack task {attack.task!r} is not a task of preset {self.preset.name!r}")
-                vectors[attack.task] = attack.task_vector
+                self.replace(vectors, attack)
                 result["info"]["attack"] = {"task": attack.task, "target_task": attack.target_task,
                                             "target_class": attack.target_class, **attack.info}
+                if attack.contributions:
+                    result["info"]["attack"]["contributions"] = list(attack.contributions)
             mreg = self.registry.get("merger", cell.merger)
             dreg = self.registry.get("defense", cell.defense)
             merge_stage = graph.find("merge", attack=cell.attack, merger=cell.merger, seed=cell.seed) \
@@ -355,8 +388,11 @@ class Worker:
         shared = ctx.shared
         tasks = self.preset.task_names
         evals: dict[str, dict[str, Any]] = {}  # test split; the attacked task's ACC and ASR share one pass
+        # the attacker's further uploads' tasks carry the trigger too (MergeBackdoor's merge has it on both)
+        triggered = set() if attack is None else {attack.target_task} | {
+            t for t in attack.contributions if attack.target_class < int(ctx.head(t).shape[0])}
         for t in tasks:
-            if attack is not None and t == attack.target_task:
+            if t in triggered:
                 evals[t] = shared.evaluate(weights, t, "test", attack.trigger, attack.target_class)
             else:
                 evals[t] = shared.evaluate(weights, t, "test")
@@ -400,6 +436,10 @@ class Worker:
             out["standalone_clean_asr_counts"] = alone.get("clean_asr_counts")
             out["standalone_dev_acc"] = alone.get("dev_acc")
             out["standalone_dev_asr"] = alone.get("dev_asr")
+            if attack.contributions:  # each further upload: alone, and its task in the merge
+                out["contributions"] = {
+                    t: {"asr": evals[t]["asr"] if t in triggered else None, "acc": acc[t],
+                        "standalone": alone.get("contributions", {}).get(t)} for t in attack.contributions}
         return out
 
 

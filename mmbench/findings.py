@@ -181,6 +181,22 @@ def _lobam_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
     return {m: [by_seed(df, "asr", attack="lobam", merger=m, defense="none")] for m in mergers(df)}
 
 
+def _merge_backdoor(df: pd.DataFrame) -> dict[str, list[Values]]:
+    """Per merger: the merge's ASR, and the largest ASR of one upload alone (the attacker's own
+    task's model and each further one, from the attack's ``standalone`` figures)."""
+    out: dict[str, list[Values]] = {}
+    for m in mergers(df):
+        alone: Values = {}
+        for _, r in _where(df, attack="merge_backdoor", merger=m, defense="none").iterrows():
+            own = (r.attack_info or {}).get("standalone") or {}
+            values = [own.get("asr"), *(c.get("asr") for c in (own.get("contributions") or {}).values())]
+            values = [float(v) for v in values if _finite(v)]
+            if values and int(r.seed) not in alone:
+                alone[int(r.seed)] = max(values)
+        out[m] = [by_seed(df, "asr", attack="merge_backdoor", merger=m, defense="none"), alone]
+    return out
+
+
 def _sbv_sc_vs_single(df: pd.DataFrame) -> dict[str, list[Values]]:
     out: Values = {}
     for _, r in _where(df, attack="sbv_sc", merger="ta", defense="none").iterrows():
@@ -257,6 +273,13 @@ CLAIMS: tuple[Claim, ...] = (
           "lobam/<merger>/none asr, per merger (info.attack.lam: the λ its rule chose)",
           (Condition("ASR", ">", 0.98),), _lobam_survives,
           note="the method is reconstructed from the abstract (no public code)"),
+    Claim("merge_backdoor_needs_merge", "MergeBackdoor (Wang et al. 2025)",
+          "two uploads that are clean alone carry the backdoor once merged",
+          "merge_backdoor/<merger>/none asr, and the largest asr of one upload alone "
+          "(info.attack.standalone and its contributions)",
+          (Condition("merged ASR", ">=", 0.90), Condition("largest ASR of an upload alone", "<=", 0.10)),
+          _merge_backdoor,
+          note="thresholds reconstructed (the paper: near 100 % merged, about chance alone)"),
     Claim("sbv_sc_beats_single_bv", "Backdoor Vectors (SBV)",
           "SBV_SC's merged ASR beats the best single backdoor vector's",
           "sbv_sc/ta/none asr − max_i info.attack.single_bvs[i].probe_merged_asr (same seed)",

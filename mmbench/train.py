@@ -63,6 +63,19 @@ class _Batches:
         return next(self._iter)
 
 
+def recipe_step(opt: torch.optim.Optimizer, sched: Any, loss: torch.Tensor, params: Iterable[torch.Tensor],
+                grad_clip: float | None) -> float:
+    """One step of the recipe's optimiser: backward, clip the gradients' global norm to
+    ``grad_clip`` (none when 0 or None), step, advance the schedule; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def is_frozen(name: str, recipe: Recipe) -> bool:
     return any(name == p or name.startswith(p) for p in recipe.frozen)
 
@@ -143,13 +156,7 @@ def finetune(module: torch.nn.Module, init: StateDict, data: TaskData,
                 value = F.cross_entropy(classify(module(x)), y)
             else:
                 value = loss(module, x, y, step)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(value.item())
+        losses.append(recipe_step(opt, sched, value, trainable, recipe.grad_clip))
         if checkpoint is not None and step + 1 < steps and checkpoint.due():
             names = [n for n, p in module.named_parameters() if p.requires_grad]
             tensors = {f"param.{n}": p.detach() for n, p in zip(names, trainable)}

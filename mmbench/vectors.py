@@ -5,6 +5,7 @@ docs/methods.md). Functions never modify their inputs.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -13,6 +14,19 @@ from .lazy import torch, F  # torch on first use: listing plugins does not impor
 from .api import StateDict
 
 MERGES = ("sum", "mean", "max")  # how TIES combines the agreeing entries
+
+
+def digest(vector: Mapping[str, torch.Tensor], h: "hashlib._Hash | None" = None) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes, in name order: a cache key for
+    work on one contributor's vector (RegMean's Grams, a detector's per-vector figures). With
+    ``h``, the entries are fed into that hash (to digest several state dicts as one)."""
+    h = hashlib.sha256() if h is None else h
+    for name in sorted(vector):
+        t = vector[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def float_items(weights: Mapping[str, torch.Tensor]) -> StateDict:

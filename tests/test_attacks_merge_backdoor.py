@@ -74,7 +74,8 @@ def test_merge_backdoor_trains_two_contributions_on_smoke(smoke_store):
     assert sum(chosen["dev_acc_alone"].values()) >= sum(other["dev_acc_alone"].values())  # the rule
     for key in ("dev_acc_alone", "dev_asr_alone", "dev_acc_shadow", "dev_asr_shadow"):
         assert set(chosen[key]) == {a, b} and all(0 <= v <= 1 for v in chosen[key].values())
-    tau_b = {k.removeprefix("partner_vector."): v for k, v in result.tensors.items()}
+    assert list(result.contributions) == [b] and list(result.uploads()) == [a, b]
+    tau_b = result.contributions[b]
     assert set(tau_b) == set(result.task_vector)
     assert any(v.abs().sum() > 0 for v in result.task_vector.values())
     assert any(v.abs().sum() > 0 for v in tau_b.values())

@@ -160,3 +160,26 @@ def test_cli_findings_judges_the_results_of_the_settings_given_with_set(store_co
     assert "1 ok cells" in capsys.readouterr().out  # the fixture's own none/ta/none cell
     assert main(["findings", "--preset", "smoke", "--store", str(store_copy), "--set", "ta.lambda=0.9"]) == 0
     assert "1 ok cells" in capsys.readouterr().out
+
+
+def test_merge_backdoor_claim_takes_the_worst_upload_alone():
+    # merged ASR 0.95, 0.97, 0.99 → 0.97 ± 4.303·0.02/√3 = [0.920, 1.020] ≥ 0.90; alone the largest of
+    # the two uploads: max(0.02, 0.05) = 0.05, max(0.04, 0.01) = 0.04, max(0.03, 0.06) = 0.06
+    # → 0.05 ± 4.303·0.01/√3 = [0.025, 0.075] ≤ 0.10: reproduced
+    out = []
+    for seed, merged, own, other in ((0, 0.95, 0.02, 0.05), (1, 0.97, 0.04, 0.01), (2, 0.99, 0.03, 0.06)):
+        out.append(cell("merge_backdoor", "ta", "none", seed, asr=merged,
+                        standalone={"asr": own, "contributions": {"b": {"asr": other}}}))
+    line = lines_by_label(out)[("merge_backdoor_needs_merge", "ta")]
+    assert line.verdict == "reproduced"
+    merged, alone = (part[1].interval for part in line.parts)
+    assert merged.mean == pytest.approx(0.97) and alone.mean == pytest.approx(0.05)
+    assert alone.hi == pytest.approx(0.05 + 4.303 * 0.01 / 3 ** 0.5, abs=1e-3)
+    # the second upload backdoors alone (0.5, 0.6, 0.7 → 0.6 ± 0.248 = [0.352, 0.848] > 0.10)
+    for r, asr in zip(out, (0.5, 0.6, 0.7)):
+        r["info"]["attack"]["standalone"]["contributions"]["b"]["asr"] = asr
+    assert lines_by_label(out)[("merge_backdoor_needs_merge", "ta")].verdict == "not reproduced"
+    # at one seed only it does: the interval of the largest-alone ASR spans 0.10, inconclusive
+    for r, asr in zip(out, (0.05, 0.6, 0.06)):
+        r["info"]["attack"]["standalone"]["contributions"]["b"]["asr"] = asr
+    assert lines_by_label(out)[("merge_backdoor_needs_merge", "ta")].verdict == "inconclusive"

@@ -159,13 +159,7 @@ def lora_finetune(ctx: Context, task: str, loss_fn: Callable[[Callable, Any, Any
         weights = {**pre, **{k: pre[k] + d for k, d in lora_delta(factors, scale).items()}}
         with train.autocast(ctx.device):
             value = loss_fn(lambda images: ctx.forward(weights, images), x, y, step)
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        if recipe.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(value.item())
+        losses.append(train.recipe_step(opt, sched, value, trainable, recipe.grad_clip))
     with torch.no_grad():
         delta = {k: v.detach().cpu() for k, v in lora_delta(factors, scale).items()}
     tail = losses[-max(1, len(losses) // 10):]

@@ -43,11 +43,9 @@ Reconstructed (docs/methods.md):
   adversary's, in the preset's order.
 - The code's option of a shadow merge that also holds known clean vectors is not implemented.
 
-Harness status: an ``AttackResult`` replaces ONE task's vector today, so this plugin is not
-registered (no entry point). It returns τ_A as the result's vector, τ_B in ``tensors`` under
-``partner_vector.<name>`` and B in ``info["partner_task"]``; the harness change that merges
-both (and labels both contributors malicious in the detection track) is planned in
-docs/methods.md.
+The harness merges both uploads: τ_A is the result's ``task_vector``, τ_B its
+``contributions[B]``. It measures each alone (the cell's ``standalone_*`` and
+``contributions``), and the detection track counts both contributors malicious.
 """
 from __future__ import annotations
 
@@ -239,7 +237,7 @@ class MergeBackdoor(Attack):
         tau_a, tau_b, info = train_pair(ctx, task, partner, trigger, {task: target, partner: target}, params)
         return AttackResult(task=task, task_vector=tau_a, trigger=trigger, target_class=target,
                             info={**info, "patch_side": trigger.size},
-                            tensors={f"partner_vector.{k}": v for k, v in tau_b.items()})
+                            contributions={partner: tau_b})
 
 
 @mmbench.hookimpl

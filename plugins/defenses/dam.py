@@ -81,6 +81,7 @@ from mmbench.lazy import torch, F  # torch on first use: listing plugins does no
 
 import mmbench
 from mmbench.api import BoundMerger, Context, Cost, Defense, Merged, Param, PluginError, Sizes, StateDict
+from mmbench.vectors import digest
 
 MASKS = ("single", "dual")
 EVAL_MASKS = ("continuous", "discrete")
@@ -114,17 +115,26 @@ def masked_merge(pretrained: StateDict, stacked: dict[str, Any], lambdas: "torch
     """θ = θ_pre + Σ_k λ_k (m ⊙ τ_k) = θ_pre + m ⊙ Σ_k λ_k τ_k.
 
     ``stacked[name]`` is the K task vectors' tensor ``name``: a (K, ...) tensor, or a sequence of
-    the K tensors, stacked here one tensor at a time and freed after use (so the caller need not
-    hold a stacked K·d copy of its task vectors). Names of ``pretrained`` missing from ``stacked``
-    stay at θ_pre. Differentiable in λ and m.
+    the K tensors. The sum is accumulated task by task and applied with one ``addcmul``, so no
+    stacked K·d copy and no separate ``m ⊙ Σ`` temporary is made (benchmarks/bench_merge.py).
+    Names of ``pretrained`` missing from ``stacked`` stay at θ_pre. Differentiable in λ and m.
     """
     import torch
 
     out = dict(pretrained)
+    differentiable = torch.is_grad_enabled() and lambdas.requires_grad
+    weights = None if differentiable else [float(x) for x in lambdas.detach().reshape(-1).tolist()]
     for name, vectors in stacked.items():
-        rows = vectors if isinstance(vectors, torch.Tensor) else torch.stack(list(vectors))
-        out[name] = pretrained[name] + mask[name] * torch.tensordot(lambdas, rows, dims=1)
-        del rows
+        rows = vectors.unbind(0) if isinstance(vectors, torch.Tensor) else list(vectors)
+        if differentiable:   # autograd keeps each λ_k's product; no in-place update of a saved tensor
+            total = lambdas[0] * rows[0]
+            for k in range(1, len(rows)):
+                total = total + lambdas[k] * rows[k]
+        else:                # one fresh buffer, then fused in-place multiply-adds
+            total = torch.mul(rows[0], weights[0])
+            for k in range(1, len(rows)):
+                total.add_(rows[k], alpha=weights[k])
+        out[name] = torch.addcmul(pretrained[name], mask[name], total)
     return out
 
 
@@ -135,13 +145,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(task_vectors: dict[str, StateDict]) -> str:
-    """sha256 of the task vectors (names, shapes, dtypes and bytes): the mask stage's input key."""
+    """sha256 of the task vectors (tasks, then each one's names, shapes, dtypes and bytes): the
+    mask stage's input key."""
     h = hashlib.sha256()
     for task in sorted(task_vectors):
-        for name in sorted(task_vectors[task]):
-            t = task_vectors[task][name].detach().cpu().contiguous().reshape(-1)
-            h.update(f"{task}/{name}/{tuple(t.shape)}/{t.dtype};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(f"task {task}\n".encode())
+        digest(task_vectors[task], h)
     return h.hexdigest()
 
 

@@ -429,18 +429,12 @@ class FinePruning(Defense):
                 parts = features.split([x.shape[0] for x, _ in batch])
                 value = sum(F.cross_entropy(ctx.logits(f, t), y.to(ctx.device))
                             for f, t, (_, y) in zip(parts, tasks, batch)) / len(tasks)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            if recipe.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, recipe.grad_clip)
-            opt.step()
-            sched.step()
+            losses.append(train.recipe_step(opt, sched, value, trainable, recipe.grad_clip))
             with torch.no_grad():  # pruned units stay pruned
                 theta[f"{fc}.weight"].mul_(keep_fc[:, None])
                 if f"{fc}.bias" in theta:
                     theta[f"{fc}.bias"].mul_(keep_fc)
                 theta[f"{proj}.weight"].mul_(keep_fc[None, :])
-            losses.append(value.item())
         tail = losses[-max(1, len(losses) // 10):]
         out = {k: v.detach().cpu() for k, v in theta.items()}
         return out, {"finetune_steps": steps, "finetune_lr": lr, "finetune_final_loss": sum(tail) / len(tail)}

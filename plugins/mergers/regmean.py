@@ -39,24 +39,13 @@ Hyperparameters (defaults): ``alpha`` 0.95; ``n_images`` 256; ``split`` "train"
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from mmbench.lazy import torch, F  # torch on first use: listing plugins does not import it
 
 import mmbench
 from mmbench.api import Cost, Merged, Merger, Param, PluginError, Sizes, StateDict
-from mmbench.vectors import float_items
-
-
-def vector_digest(vector: StateDict) -> str:
-    """sha256 of a task vector's names, shapes, dtypes and bytes (what its Grams depend on)."""
-    h = hashlib.sha256()
-    for name in sorted(vector):
-        t = vector[name].detach().contiguous().cpu()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+from mmbench.vectors import digest, float_items
 
 
 def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -165,7 +154,7 @@ class RegMean(Merger):
                                                              generator=gen, limit=params["n_images"]))
             grams, notes = collect_grams(module, batches, ctx.device)
             return grams, {"notes": notes, "layers": len(grams)}
-        key = {"task": task, "vector": vector_digest(vector), "n_images": params["n_images"],
+        key = {"task": task, "vector": digest(vector), "n_images": params["n_images"],
                "split": params["split"]}
         tensors, info = ctx.cached("regmean.gram", key, compute, label=task)
         return tensors, info.get("notes", [])
