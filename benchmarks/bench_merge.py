@@ -277,7 +277,7 @@ def test_dam_learn_mask_memory_note(perf):
     extra = 7 * d * 4
     perf.add_open("DAM's mask learning: what it holds beyond its inputs (counted from the code)",
                   f"`learn_mask` keeps per-tensor lists of the caller's K task vectors (no stacked K·d copy; "
-                  f"`masked_merge` stacks one tensor at a time and frees it) and holds the mask logits, their "
+                  f"`masked_merge` sums the K tasks into one buffer per tensor and frees it) and holds the mask logits, their "
                   f"gradient and Adam's two moments (4·d: the method's own state, a mask entry per task-vector "
                   f"entry trained with Adam), a sampled and a rescaled mask and the merged weights (3·d): at "
                   f"{k} × {d / 1e6:.1f}M float32 that is ≈ {extra / GIB:.1f} GiB above inputs of "

@@ -184,7 +184,7 @@ def learn_mask(ctx: Context, pretrained: StateDict, task_vectors: dict[str, Stat
         raise PluginError("dam: every task vector is zero; there is nothing to mask")
     pre = {k: v.to(device) for k, v in pretrained.items()}
     # per tensor, the K task vectors (no copy where they are already on the device in θ_pre's dtype):
-    # masked_merge stacks one tensor at a time, so no K·d stacked copy is held for the whole run
+    # masked_merge sums the K tasks into one buffer per tensor, so no K·d stacked copy is ever held
     stacked = {n: [task_vectors[t][n].to(device, pre[n].dtype) for t in tasks] for n in names}
     init = float(params["initial_logits"])
     mask_names = ("ts", "bd") if params["masks"] == "dual" else ("ts",)
