@@ -128,7 +128,7 @@ TINY = Preset(
                    # relative size (1 px here), 6.1 % with 2×2 and 9.3 % with 4×4, still rising: trained
                    # too briefly to carry the backdoor (docs/presets.md)
                    "merge_backdoor": {"patch_area": 0.015625, "epochs": 10}},
-    # run only when named: the published leaderboard holds none of their cells yet (docs/methods.md).
+    # run only when named: the published leaderboard holds one seed of their cells (seed 2; docs/presets.md).
     # Not in any key: taking a name out keeps its cells (fine-pruning left this list with its 3 seeds)
     opt_in=("awm", "sau"),
 )

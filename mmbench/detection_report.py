@@ -102,12 +102,13 @@ def detection_table(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (detector, attack), group in sorted(groups.items()):
         group.sort(key=lambda e: e["seed"])
-        pos = [e["scores"][t] for e in group for t in malicious_of(e)]
-        neg = [s for e in group for t, s in e["scores"].items() if t not in malicious_of(e)]
+        bad = [set(malicious_of(e)) for e in group]
+        pos = [e["scores"][t] for e, m in zip(group, bad) for t in m]
+        neg = [s for e, m in zip(group, bad) for t, s in e["scores"].items() if t not in m]
         rows.append({"detector": detector, "attack": attack, "n": len(group),
                      "auroc": stats.t_interval(e["auroc"] for e in group),
                      "pooled": auroc(pos, neg),
-                     "flagged": sum(e["flagged"] in malicious_of(e) for e in group),
+                     "flagged": sum(e["flagged"] in m for e, m in zip(group, bad)),
                      "rank": stats.t_interval(e["rank_of_malicious"] for e in group),
                      "seeds": [e["seed"] for e in group]})
     return rows
