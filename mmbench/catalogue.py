@@ -115,7 +115,7 @@ TINY = Preset(
                    "sbv_sc": {"poison_rate": 0.3},
                    "adamerging": {"steps": 100, "lr": 5e-3},
                    "dam": {"steps": 100, "mask_lr": 3e-3},
-                   # AWM and SAU (opt-in here, no cell computed yet): compute budget, declared before any tiny result.
+                   # AWM and SAU (opt-in here): compute budget, declared before any tiny result of theirs.
                    # Unlike DAM's mask (one per attack, shared by every merger) theirs is learnt per
                    # cell, after the merger; a step measured 1.0 s (AWM) and 2.2 s (SAU) beside a
                    # 2-worker run, so the papers' 2000 steps would take over 20 and 40 min a cell.
@@ -128,7 +128,8 @@ TINY = Preset(
                    # relative size (1 px here), 6.1 % with 2×2 and 9.3 % with 4×4, still rising: trained
                    # too briefly to carry the backdoor (docs/presets.md)
                    "merge_backdoor": {"patch_area": 0.015625, "epochs": 10}},
-    # run only when named: the published leaderboard holds one seed of their cells (seed 2; docs/presets.md).
+    # run only when named: the published leaderboard holds their cells for seeds 0-2 (docs/presets.md), but
+    # their per-cell masks add about 30 min a seed to a plain `mmbench run`, so they stay opt-in for cost.
     # Not in any key: taking a name out keeps its cells (fine-pruning left this list with its 3 seeds)
     opt_in=("awm", "sau"),
 )
