@@ -290,6 +290,9 @@ def _detection_lines(results: list[dict]) -> list[str]:
 
 
 def cmd_plan(args) -> int:
+    from dataclasses import replace
+
+    from . import sweeps
     from .estimate import load_throughput, plan_rows, render
     from .graph import parse_overrides, plan
     from .store import Store
@@ -298,10 +301,25 @@ def cmd_plan(args) -> int:
     measured = load_throughput(path) if path else None
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
-    graph = plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
-                 parse_overrides(args.set or [], registry), detectors=_detectors(args))
+    overrides = parse_overrides(args.set or [], registry)
+    settings = sweeps.parse(args.sweep, registry) if args.sweep else [{}]
+    detectors = _detectors(args) if not args.sweep or args.detector else []  # as run does
+    graphs = [plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
+                   sweeps.merge_overrides(overrides, extra), detectors=detectors) for extra in settings]
     store = Store(args.store)
-    print(render(graph, store, plan_rows(graph, store, registry, measured), measured))
+    rows, seen = [], set()
+    for graph in graphs:  # a stage the settings share (fine-tunes, attacks) is listed and priced once
+        for row in plan_rows(graph, store, registry, measured):
+            if row.key not in seen:
+                seen.add(row.key)
+                rows.append(row)
+    whole = replace(graphs[0], cells=tuple(c for g in graphs for c in g.cells)) if len(graphs) > 1 else graphs[0]
+    text = render(whole, store, rows, measured)
+    if args.sweep:
+        shown = "; ".join(", ".join(f"{p}.{k}={json.dumps(v)}" for p, kv in extra.items() for k, v in kv.items())
+                          for extra in settings)
+        text = f"sweep of {len(settings)} settings: {shown}\n" + text
+    print(text)
     return 0
 
 
@@ -640,11 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "cells and their attack and merge stages, reusing shared stages; cells: recompute "
                           "the selected cells only; never: only report")
     run.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE",
-                     help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON)")
+                     help="override a plugin parameter, e.g. --set ta.lambda=0.5 (value parsed as JSON), or "
+                          "the number of merged tasks, --set merge.tasks=3 (the attack's uploads first)")
     run.add_argument("--sweep", action="append", metavar="PLUGIN.PARAM=V1,V2,...",
                      help="run the selection once per value (repeatable: every combination), each value its "
-                          "own setting and cell keys, e.g. --sweep ta.lambda=0.1,0.3,0.5,0.7; no detection "
-                          "track unless --detector asks")
+                          "own setting and cell keys, e.g. --sweep ta.lambda=0.1,0.3,0.5,0.7 or --sweep "
+                          "merge.tasks=2,4,6; no detection track unless --detector asks")
     run.add_argument("--store", default=DEFAULT_STORE)
     run.add_argument("--device", default="auto", help="auto | cpu | cuda")
     run.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)  # old: stages run single-threaded
@@ -672,6 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "installed detector, or none when --attack, --merger or --defense selects a slice)")
     plan.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
     plan.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
+    plan.add_argument("--sweep", action="append", metavar="PLUGIN.PARAM=V1,V2,...",
+                      help="as for run: every value's stages, those the values share listed once")
     plan.add_argument("--batch-size", type=int, default=None, help="as for run")
     plan.add_argument("--throughput", default=None, metavar="FILE",
                       help="GPU throughputs measured by benchmarks/gpu_throughput.py (default: "

@@ -234,7 +234,8 @@ def render(graph, store, rows: list[Row], measured: Measured | None = None) -> s
     lines = [f"mmbench plan: preset {preset.name} ({preset.model.name}, {len(preset.task_names)} tasks, "
              f"batch {preset.recipe.batch_size}), store {store.root}",
              f"{len(cells)} cells: {len({c.attack for c in cells})} attacks × {len({c.merger for c in cells})} "
-             f"mergers × {len({c.defense for c in cells})} defenses × {len({c.seed for c in cells})} seeds", ""]
+             f"mergers × {len({c.defense for c in cells})} defenses × {len({c.seed for c in cells})} seeds"
+             + (f" × {n} settings" if (n := len({c.setting for c in cells})) > 1 else ""), ""]
     table = [(r.label, r.key[:12], "yes" if r.cached else "no", fmt_seconds(None if r.cached else r.seconds),
               fmt_seconds(r.seconds), r.needs, r.note) for r in rows]
     lines.append(tabulate(table, headers=["stage", "key", "cached", "to run (GPU)", "stage (GPU)",

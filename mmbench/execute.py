@@ -156,7 +156,7 @@ class Worker:
 
     def _merge(self, stage: Stage, force: bool) -> float | None:
         ctx = RunContext(self.shared, stage.seed)
-        vectors = self.cell_vectors(stage.attack, stage.seed)
+        vectors = self.cell_vectors(stage.attack, stage.seed, stage.tasks)
         return self._timed(lambda: self.merge(stage, ctx.pretrained(), vectors, force=force))
 
     def finetuned_accuracy(self, seed: int) -> dict[str, Any]:
@@ -250,13 +250,31 @@ class Worker:
                 "asr_counts": both["asr_counts"], "clean_acc": rate(*twin["acc_counts"]),
                 "clean_asr": rate(*twin["asr_counts"])}
 
-    def cell_vectors(self, attack: str, seed: int) -> dict[str, StateDict]:
-        """Every task's clean task vector, the attack's replacing its task's."""
+    def cell_vectors(self, attack: str, seed: int, n_tasks: int | None = None) -> dict[str, StateDict]:
+        """The merged tasks' clean task vectors (:meth:`merged_tasks`), the attack's replacing its tasks'."""
         ctx = RunContext(self.shared, seed)
-        vectors = {t: ctx.task_vector(t) for t in self.preset.task_names}
-        if attack != NO_ATTACK:
-            self.replace(vectors, self.attack(attack, seed))
+        result = self.attack(attack, seed) if attack != NO_ATTACK else None
+        vectors = {t: ctx.task_vector(t) for t in self.merged_tasks(n_tasks, result)}
+        if result is not None:
+            self.replace(vectors, result)
         return vectors
+
+    def merged_tasks(self, n_tasks: int | None, attack: AttackResult | None) -> list[str]:
+        """The tasks a cell merges, in preset order: all of them, or with ``merge.tasks=n_tasks``
+        the attack's uploads (the preset's adversary task, else its first, where there is no
+        attack: a clean merge has the tasks an attacked one has) and then the other tasks in preset order,
+        ``n_tasks`` in all. An attack uploading to more tasks than that is an error of the cell."""
+        tasks = list(self.preset.task_names)
+        if n_tasks is None:
+            return tasks
+        adversary = self.preset.adversary_task if self.preset.adversary_task in tasks else tasks[0]
+        first = list(attack.uploads()) if attack is not None else [adversary]
+        if len(first) > n_tasks:
+            raise ValueError(f"merge.tasks={n_tasks} is fewer than the {len(first)} tasks the attack uploads "
+                             f"to ({', '.join(first)})")
+        others = [t for t in tasks if t not in first]
+        chosen = set(first) | set(others[:n_tasks - len(first)])
+        return [t for t in tasks if t in chosen]
 
     def replace(self, vectors: dict[str, StateDict], attack: AttackResult) -> None:
         """Put every upload of ``attack`` in place of its task's clean vector."""
@@ -308,15 +326,18 @@ class Worker:
             result["data"] = self.shared.data_sources()
             ctx = RunContext(self.shared, cell.seed)
             pre = ctx.pretrained()
-            t0 = time.perf_counter()
-            vectors = {t: ctx.task_vector(t) for t in self.preset.task_names}
-            result["durations"]["finetunes"] = time.perf_counter() - t0
             attack: AttackResult | None = None
             if cell.attack != NO_ATTACK:
                 t0 = time.perf_counter()
                 result["params"]["attack"] = params["attack"]
                 attack = self.attack(cell.attack, cell.seed)
                 result["durations"]["attack"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            tasks = self.merged_tasks(stage.tasks, attack)
+            vectors = {t: ctx.task_vector(t) for t in tasks}
+            result["durations"]["finetunes"] = time.perf_counter() - t0
+            result["info"]["merged_tasks"] = tasks
+            if attack is not None:
                 self.replace(vectors, attack)
                 result["info"]["attack"] = {"task": attack.task, "target_task": attack.target_task,
                                             "target_class": attack.target_class, **attack.info}
@@ -341,7 +362,7 @@ class Worker:
             result["info"]["defense"] = merged.info if merged.info is not (merge_infos[-1] if merge_infos else None) \
                 else {}
             t0 = time.perf_counter()
-            result["metrics"] = self.metrics(ctx, merged.weights, attack, cell.seed)
+            result["metrics"] = self.metrics(ctx, merged.weights, attack, cell.seed, tasks)
             result["durations"]["evaluate"] = time.perf_counter() - t0
             result["status"] = "ok"
         except (UsageError, KeyboardInterrupt):
@@ -380,13 +401,16 @@ class Worker:
             return merged
         return hook
 
-    def metrics(self, ctx: RunContext, weights: StateDict, attack: AttackResult | None, seed: int) -> dict[str, Any]:
+    def metrics(self, ctx: RunContext, weights: StateDict, attack: AttackResult | None, seed: int,
+                tasks: list[str] | None = None) -> dict[str, Any]:
+        """ACC (mean over the merged ``tasks``, every task of the preset by default) and ASR of
+        merged weights, with the standalone figures of the attack."""
         missing = [k for k in ctx.pretrained() if k not in weights]
         if missing:
             raise PluginError(f"merged weights lack {len(missing)} tensors, e.g. {missing[0]!r}")
         finetuned = self.finetuned_accuracy(seed)
         shared = ctx.shared
-        tasks = self.preset.task_names
+        tasks = list(tasks) if tasks is not None else self.preset.task_names
         evals: dict[str, dict[str, Any]] = {}  # test split; the attacked task's ACC and ASR share one pass
         # the attacker's further uploads' tasks carry the trigger too (MergeBackdoor's merge has it on both)
         triggered = set() if attack is None else {attack.target_task} | {

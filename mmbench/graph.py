@@ -45,6 +45,10 @@ from .plugins import Registered, UsageError, unknown_name
 from .presets import Preset, Recipe
 
 NO_ATTACK = "none"
+# The harness's own settings, addressed like a plugin's (``--set merge.tasks=3``, ``--sweep
+# merge.tasks=2,3,4``): ``tasks`` is how many task vectors a cell merges (see merge_tasks).
+HARNESS = "merge"
+HARNESS_PARAMS = ("tasks",)
 KINDS = ("data", "base", "heads", "finetune", "eval-finetuned", "attack", "merge", "cell", "detect", "screen")
 PLUGIN_KINDS = ("attack", "merger", "defense", "detector")  # the kinds --set and plugin_params address
 
@@ -85,7 +89,7 @@ def setting_tag(changed: Mapping[str, Mapping[str, Any]]) -> str:
 def parse_overrides(items: list[str], registry) -> dict[str, dict[str, Any]]:
     """``--set ties.k=0.1`` items → {"ties": {"k": 0.1}} (values parsed as JSON, else strings)."""
     out: dict[str, dict[str, Any]] = {}
-    known = {name for kind in PLUGIN_KINDS for name in registry.names(kind)}
+    known = {name for kind in PLUGIN_KINDS for name in registry.names(kind)} | {HARNESS}
     for item in items:
         target, eq, value = item.partition("=")
         name, dot, param = target.partition(".")
@@ -93,6 +97,9 @@ def parse_overrides(items: list[str], registry) -> dict[str, dict[str, Any]]:
             raise UsageError(f"--set wants PLUGIN.PARAM=VALUE, got {item!r}")
         if name not in known:
             raise unknown_name("plugin in --set", name, sorted(known))
+        if name == HARNESS and param not in HARNESS_PARAMS:
+            raise UsageError(f"--set {item!r}: the harness's own settings are "
+                             f"{', '.join(f'{HARNESS}.{p}' for p in HARNESS_PARAMS)}")
         try:
             parsed = json.loads(value)
         except ValueError:
@@ -112,6 +119,23 @@ def resolve_params(reg: Registered, preset: Preset, overrides: Mapping[str, Mapp
     from_preset = check(reg.kind, reg.name, params, preset.plugin_params.get(reg.name, {}), f"preset {preset.name}")
     from_set = check(reg.kind, reg.name, params, overrides.get(reg.name, {}), "--set")
     return {**{k: p.default for k, p in params.items()}, **from_preset, **from_set}
+
+
+def merge_tasks(preset: Preset, overrides: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """The number of merged tasks ``--set merge.tasks=K`` asks for, or None for the preset's
+    default: every task (K equal to the preset's number of tasks is that default, so its cells
+    are the preset's own). A cell with K merges the attack's uploads (the preset's adversary
+    task where there is no attack) and then the other tasks in preset order, K task vectors
+    in all (:meth:`mmbench.execute.Worker.merged_tasks`); the fine-tunes, attacks and the base
+    model are the preset's own, shared with every other cell."""
+    value = (overrides.get(HARNESS) or {}).get("tasks")
+    if value is None:
+        return None
+    n = len(preset.task_names)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= n:
+        raise UsageError(f"{HARNESS}.tasks must be a whole number from 1 to {n} (preset {preset.name}'s "
+                         f"tasks), got {value!r}")
+    return None if value == n else value
 
 
 # --- keys of the harness's stages ----------------------------------------------------------
@@ -221,6 +245,7 @@ class Stage:
     defense: str | None = None
     cell: Cell | None = None
     params_json: str = "{}"          # the stage's resolved plugin parameters
+    tasks: int | None = None         # merge and cell stages: how many tasks they merge (None: all)
     gpu: bool = False                # does heavy tensor work (a GPU is requested where there is one)
 
     @property
@@ -322,6 +347,7 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
     (every installed one when None; ``[]`` for none), each run on every selected attack and
     screened under every selected merger."""
     overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    n_tasks = merge_tasks(preset, overrides)
     a_names = _selected(registry, "attack", attacks, (NO_ATTACK,), preset)
     m_names = _selected(registry, "merger", mergers, preset=preset)
     d_names = _selected(registry, "defense", defenses, preset=preset)
@@ -385,26 +411,34 @@ def plan(registry, preset: Preset, attacks: list[str] | None = None, mergers: li
             vector_keys = list(fts) + ([attack_key] if attack_key else [])
             for merger in m_names:
                 mreg = regs[("merger", merger)]
+                # a subset of the tasks enters the merge and cell keys; all tasks keeps today's keys
+                subset = {} if n_tasks is None else {"tasks": n_tasks}
                 merge_key = stage_key("merge", {"merger": merger, "params": params[("merger", merger)],
-                                                "seed": seed}, vector_keys,
+                                                "seed": seed, **subset}, vector_keys,
                                       plugin=(mreg.distribution, mreg.key_version, core_code("merge")))
+                merge_label = f"merge {attack}/{merger} (seed {seed})" + (
+                    f" [{n_tasks} tasks]" if n_tasks else "")
                 for defense in d_names:
                     dreg = regs[("defense", defense)]
                     changed = {n: {k: v for k, v in params[(kind, n)].items() if own[(kind, n)].get(k, object()) != v}
                                for kind, n in (("attack", attack), ("merger", merger), ("defense", defense))}
                     changed = {n: c for n, c in changed.items() if c}
+                    if n_tasks is not None:
+                        changed[HARNESS] = {"tasks": n_tasks}
                     cell = Cell(preset.name, attack, merger, defense, seed, setting_tag(changed))
                     inputs = [evalft, *fts] + ([attack_key] if attack_key else [])
                     if getattr(dreg.obj, "merges_own_inputs", False):
-                        inputs.append(add(Stage(merge_key, "merge", f"merge {attack}/{merger} (seed {seed})",
+                        inputs.append(add(Stage(merge_key, "merge", merge_label,
                                                 tuple(vector_keys), seed=seed, attack=attack, merger=merger,
-                                                params_json=pj(params[("merger", merger)]), gpu=True)))
+                                                params_json=pj(params[("merger", merger)]), tasks=n_tasks,
+                                                gpu=True)))
                     key = stage_key("cell", {"merger": [merger, params[("merger", merger)]],
-                                             "defense": [defense, params[("defense", defense)]], "seed": seed},
+                                             "defense": [defense, params[("defense", defense)]], "seed": seed,
+                                             **subset},
                                     vector_keys + [evalft],
                                     plugin=(core_code("cell"), mreg.key_version, dreg.key_version))
                     add(Stage(key, "cell", f"cell {cell.label}", tuple(inputs), seed=seed, attack=attack,
-                              merger=merger, defense=defense, cell=cell,
+                              merger=merger, defense=defense, cell=cell, tasks=n_tasks,
                               params_json=pj({"merger": params[("merger", merger)],
                                               "defense": params[("defense", defense)],
                                               **({"attack": params[("attack", attack)]} if attack_key else {}),

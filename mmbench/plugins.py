@@ -153,6 +153,7 @@ CORE_DISTRIBUTION = "mmbench"  # its entry points (the built-ins) load first and
 _SPECS = tuple(sorted(n for n in vars(hookspecs) if n.startswith("mmbench_")))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _NO_ATTACK = "none"  # ``--attack none``: no attack (mmbench.plan.NO_ATTACK)
+_HARNESS = "merge"  # ``--set merge.tasks=K``: the harness's own setting (mmbench.graph.HARNESS)
 
 
 def _one_line(text: Any, limit: int = 300) -> str:
@@ -366,6 +367,9 @@ class Registry:
                     "start with a letter or digit); rename it", None, obj)
         if kind == "attack" and name == _NO_ATTACK:
             return f"attack {name!r} is reserved (--attack none means no attack); rename it", name, obj
+        if kind in ("attack", "merger", "defense", "detector") and name == _HARNESS:
+            return (f"{kind} name {name!r} is reserved (--set {_HARNESS}.tasks=K is the harness's own "
+                    "setting); rename it", name, obj)
         for other in staged:
             if other.name == name:
                 if other.kind == kind:

@@ -1,7 +1,8 @@
 """Parameter sweeps: ``mmbench run --sweep ta.lambda=0.1,0.3,0.5`` and the curves the
 leaderboard draws from them.
 
-A sweep is a list of ``--set`` settings: each value (each combination, when several
+A sweep is a list of ``--set`` settings (a plugin's parameter, or the harness's own
+``merge.tasks``, the number of merged tasks): each value (each combination, when several
 ``--sweep`` options are given) is its own setting, so its cells have their own keys and
 result files (``<cell>__set-...__seed<N>.json``) and never replace the preset's own. The
 shared stages (data, base, fine-tunes and, when the swept plugin is a merger or defense,
@@ -74,7 +75,7 @@ def _single(setting: Any) -> tuple[str, str, Any] | None:
 def collect(registry, store, preset) -> list[dict[str, Any]]:
     """The sweep points of ``preset``: one entry per (plugin.param, attack, merger, defense,
     value) with the per-seed ASR, ACC and normalised ACC of the ok results whose key is current."""
-    from .graph import plan
+    from .graph import HARNESS, plan
 
     swept: dict[str, list[dict[str, Any]]] = {}
     for r in store.results(preset.name):
@@ -119,6 +120,9 @@ def collect(registry, store, preset) -> list[dict[str, Any]]:
             continue
         for plugin, param in params_seen:
             if (f"{plugin}.{param}", r["attack"], r["merger"], r["defense"]) in combos:
+                if plugin == HARNESS:  # merge.tasks: the preset's own cells merge every task
+                    add(plugin, param, len(preset.task_names), r)
+                    continue
                 kind = next((k for k in ("attack", "merger", "defense") if plugin in registry.names(k)), None)
                 if kind is None:
                     continue

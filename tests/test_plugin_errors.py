@@ -215,6 +215,8 @@ class _DefenseX(Defense):
     ("mmbench_register_mergers", merger("bad_ok")(), "registers merger 'bad_ok' twice; rename one"),
     ("mmbench_register_attacks", type("NoneAttack", (mmbench.api.Attack,), {"name": "none"})(),
      "attack 'none' is reserved (--attack none means no attack); rename it"),
+    ("mmbench_register_mergers", merger("merge")(), "merger name 'merge' is reserved (--set merge.tasks=K is the "
+                                                    "harness's own setting); rename it"),
 ])
 def test_bad_registrations(install, hook, obj, expected):
     install("bad", plugin("mmbench_bad", **{hook: registers(merger("bad_ok")(), obj)}
