@@ -611,8 +611,12 @@ def cmd_mechanisms(args) -> int:
     echo = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     measure, render = {"backdoor": (mechanisms.measure, mechanisms.text),
                        "clean-ta": (mechanisms.clean_ta, mechanisms.clean_ta_text),
-                       "regmean": (mechanisms.regmean, mechanisms.regmean_text)}[args.part]
-    report = measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo)
+                       "regmean": (mechanisms.regmean, mechanisms.regmean_text),
+                       "task-order": (mechanisms.task_order, mechanisms.task_order_text)}[args.part]
+    if args.attack is not None and args.part != "task-order":
+        raise UsageError("mechanisms --attack goes with --part task-order")
+    extra = {"attack": args.attack} if args.attack else {}
+    report = measure(registry, preset, Store(args.store), _device(args.device), args.seed, echo=echo, **extra)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     print(render(report))
@@ -769,10 +773,12 @@ def build_parser() -> argparse.ArgumentParser:
     mech.add_argument("--seed", type=int, default=0)
     mech.add_argument("--store", default=DEFAULT_STORE)
     mech.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    mech.add_argument("--part", default="backdoor", choices=["backdoor", "clean-ta", "regmean"],
+    mech.add_argument("--part", default="backdoor", choices=["backdoor", "clean-ta", "regmean", "task-order"],
                       help="backdoor: BV cosines and dilution (default); clean-ta: per task, what scaling a "
                            "task vector and merging it with the others cost; regmean: BadMerging's and "
-                           "BadTV's ASR under RegMean against TA, the plain mean and two hybrids")
+                           "BadTV's ASR under RegMean against TA, the plain mean and two hybrids; task-order: "
+                           "which clean task moves an attack's ASR under TA (pairs and leave-one-out)")
+    mech.add_argument("--attack", default=None, help="with --part task-order: the attack (default badnets)")
     mech.add_argument("--json", help="also write the figures to this file")
     mech.add_argument("--quiet", action="store_true")
     mech.set_defaults(func=cmd_mechanisms)

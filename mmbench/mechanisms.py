@@ -14,6 +14,8 @@ Three measurements, each on the test split (they report; nothing is chosen from 
   target task and the mean ACC over tasks.
 * **Dilution by the number of merged tasks**: the attacker's vector merged with the first
   k − 1 other tasks' clean vectors (preset order), k = 1 … all, at the preset's TA λ.
+* **Which task moves the ASR** (``--part task-order [--attack NAME]``): at the preset's TA λ,
+  the attack's ASR with the attacker and each other task alone, and with every task but one.
 * **Clean task arithmetic: scaling against interference** (``--part clean-ta``, no attack):
   for each task t, the ACC of the base model, of θ_pre + λ·τ_t alone and of the clean TA
   merge θ_pre + λ·Σ τ, at the preset's TA λ and at 1.0, with the cosines of the clean task
@@ -80,6 +82,81 @@ def clean_ta(registry, preset, store, device, seed: int,
     norms = {t: math.sqrt(sum(float(v.double().pow(2).sum()) for v in tv[t].values())) for t in tasks}
     return {"preset": preset.name, "seed": seed, "ta_lambda": ta_lambda, "tasks": list(tasks),
             "per_task": per_task, "cosine": cos, "norms": norms}
+
+
+def task_order(registry, preset, store, device, seed: int, attack: str = "badnets",
+               echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Which clean task moves the attack's ASR under task arithmetic (``--part task-order``).
+
+    At the preset's TA λ, with the attack's stored upload (one vector, the attacker's task):
+    ASR and mean ACC of the attacker alone, of the attacker with each other task alone (pairs),
+    of every task merged, and of every task but one (leave-one-out); with the cosine of each
+    clean task vector with the attack's backdoor vector BV = τ_attacker − τ_clean of its task.
+    The sweep over the number of merged tasks adds tasks in preset order, so a rise at one K
+    is either that task's own effect (it shows in its pair and its leave-one-out) or an
+    interaction (it does not)."""
+    import torch
+
+    from .context import RunContext
+    from .execute import Runtime, Worker
+    from .graph import plan
+
+    if "ta" not in registry.names("merger"):
+        raise UsageError("mechanisms needs the merger 'ta', which is not installed")
+    if attack == "none" or attack not in registry.names("attack"):
+        from .plugins import unknown_name
+        raise unknown_name("attack", attack, registry.names("attack"))
+    graph = plan(registry, preset, [attack], ["ta"], ["none"], [seed], {}, detectors=[])
+    w = Worker(graph, Runtime(str(store.root), str(device), quiet=True), registry=registry, echo=echo)
+    ctx = RunContext(w.shared, seed)
+    tasks = list(preset.task_names)
+    pre = ctx.pretrained()
+    clean = {t: ctx.task_vector(t) for t in tasks}
+    result = w.attack(attack, seed)
+    if result.contributions:
+        raise UsageError(f"--part task-order takes an attack with one upload; {attack} uploads to "
+                         f"{1 + len(result.contributions)} tasks")
+    vectors = dict(clean)
+    vectors[result.task] = result.task_vector
+    bv = {k: v - clean[result.task][k] for k, v in result.task_vector.items()}
+    lam = float(graph.params[("merger", "ta")]["lambda"])
+    others = [t for t in tasks if t != result.task]
+
+    def figures(use: list[str]) -> dict[str, Any]:
+        weights = {k: pre[k] + lam * sum(vectors[t][k] for t in use) if k in vectors[use[0]] else pre[k]
+                   for k in pre}
+        target_task = result.target_task or result.task
+        hit, total = w.shared.asr_counts(weights, target_task, result.trigger, result.target_class, "test")
+        accs = [w.shared.accuracy(weights, t, "test") for t in use]
+        return {"tasks": use, "asr": hit / total, "acc": sum(accs) / len(accs)}
+
+    with torch.no_grad():
+        echo("  the attacker alone and every task")
+        alone, everything = figures([result.task]), figures([result.task, *others])
+        pairs, without = {}, {}
+        for t in others:
+            echo(f"  with and without {t}")
+            pairs[t] = figures([result.task, t])
+            without[t] = figures([result.task, *[o for o in others if o != t]])
+    return {"preset": preset.name, "seed": seed, "attack": attack, "task": result.task, "lambda": lam,
+            "alone": alone, "all": everything, "pairs": pairs, "without": without,
+            "cosine_with_bv": {t: cosine(clean[t], bv) for t in others}}
+
+
+def task_order_text(report: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    a, every = report["alone"], report["all"]
+    rows = [[t, f"{report['cosine_with_bv'][t]:+.3f}", f"{100 * p['asr']:.1f}", f"{100 * (p['asr'] - a['asr']):+.1f}",
+             f"{100 * report['without'][t]['asr']:.1f}", f"{100 * (every['asr'] - report['without'][t]['asr']):+.1f}"]
+            for t, p in report["pairs"].items()]
+    return "\n".join([
+        f"# Which task moves the ASR: {report['attack']} on {report['task']}, TA λ {report['lambda']:g}, "
+        f"preset {report['preset']}, seed {report['seed']}", "",
+        f"attacker alone: ASR {100 * a['asr']:.1f} %, ACC {100 * a['acc']:.1f} %; every task: ASR "
+        f"{100 * every['asr']:.1f} %, mean ACC {100 * every['acc']:.1f} %", "",
+        tabulate(rows, headers=["task t", "cos(τ_t, BV)", "ASR attacker + t %", "vs alone",
+                                "ASR all but t %", "t's part in all"], tablefmt="github", disable_numparse=True)])
 
 
 LINEAR = ("in_proj_weight", "out_proj.weight", "c_fc.weight", "c_proj.weight")

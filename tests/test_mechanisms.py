@@ -80,3 +80,28 @@ def test_regmean_part_on_smoke(store_copy, tmp_path, capsys):
     cell = json.loads((store_copy / "results" / "smoke" / "badmerging__regmean__none__seed0.json").read_text())
     assert math.isclose(report["attacks"]["badmerging"]["regmean"]["asr"], cell["metrics"]["asr"])
     assert "## badtv" in capsys.readouterr().out
+
+
+def test_task_order_part_on_smoke(store_copy, tmp_path, capsys):
+    out = tmp_path / "order.json"
+    assert main(["mechanisms", "--part", "task-order", "--preset", "smoke", "--store", str(store_copy),
+                 "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert report["attack"] == "badnets" and report["task"] == "digits" and report["lambda"] == 1.0
+    # smoke has two tasks: the one pair is every task, and leaving photo_patches out leaves the
+    # attacker alone, whose model at λ 1 is the attacker's fine-tune (its standalone ASR)
+    assert list(report["pairs"]) == list(report["without"]) == ["photo_patches"]
+    assert report["pairs"]["photo_patches"] == report["all"]
+    assert report["without"]["photo_patches"] == report["alone"]
+    # the merge of every task is the run's TA cell
+    assert main(["run", "--preset", "smoke", "--attack", "badnets", "--merger", "ta", "--defense", "none",
+                 "--store", str(store_copy), "--quiet"]) == 0
+    cell = json.loads((store_copy / "results" / "smoke" / "badnets__ta__none__seed0.json").read_text())
+    assert math.isclose(report["all"]["asr"], cell["metrics"]["asr"])
+    assert -1 <= report["cosine_with_bv"]["photo_patches"] <= 1
+    assert "t's part in all" in capsys.readouterr().out
+
+
+def test_mechanisms_attack_goes_with_task_order(store_copy, capsys):
+    assert main(["mechanisms", "--attack", "badtv", "--preset", "smoke", "--store", str(store_copy)]) == 2
+    assert "--attack goes with --part task-order" in capsys.readouterr().err
