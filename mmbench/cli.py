@@ -446,7 +446,7 @@ def cmd_leaderboard(args) -> int:
                         if p.opt_in else ""))
     sections = {}
     for name in presets:
-        cells = findings.frame(r for r in results if r.get("preset") == name)
+        cells = findings.frame((r for r in results if r.get("preset") == name), sweep_points.get(name, []))
         sections[name] = findings.markdown(name, cells, findings.evaluate(cells))
         mine = [r for r in results if r.get("preset") == name]
         for extra in (sweeps.markdown(name, sweep_points.get(name, [])),
@@ -632,11 +632,14 @@ def cmd_findings(args) -> int:
     presets = _presets_to_show(args, store)
     from .graph import parse_overrides
 
+    from . import sweeps
+
     _, results = _stored_results(registry, store, presets, parse_overrides(args.set or [], registry))
     reports = []
     for name in presets:
         mine = [r for r in results if r.get("preset") == name]
-        cells = findings.frame(mine)
+        # the sweeps are read around the preset's own settings: none with --set
+        cells = findings.frame(mine, [] if args.set else sweeps.collect(registry, store, _preset(registry, name)))
         stale = sum(r.get("status") == "stale" for r in mine)
         reports.append(findings.text(name, cells, findings.evaluate(cells), stale))
     print("\n\n".join(reports))

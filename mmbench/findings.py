@@ -83,10 +83,12 @@ METRICS = ("acc", "normalized_acc", "asr", "acc_per_task", "normalized_acc_per_t
            "dev_acc", "dev_normalized_acc")
 
 
-def frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
+def frame(results: Iterable[dict[str, Any]], sweeps: Iterable[dict[str, Any]] = ()) -> pd.DataFrame:
     """The ok results as a DataFrame: preset, attack, merger, defense, seed, every metric of
     :data:`METRICS` (None where a result lacks it), ``attack_info`` (the result's
-    ``info.attack``, {} without an attack) and ``merge_info`` (``info.merge``). Results of another status (failed, stale) are left out."""
+    ``info.attack``, {} without an attack) and ``merge_info`` (``info.merge``). Results of another status (failed, stale) are left out.
+    ``sweeps``: the preset's sweep points (:func:`mmbench.sweeps.collect`), kept in
+    ``df.attrs["sweeps"]`` for the claims measured along a swept parameter."""
     rows = []
     for r in results:
         if r.get("status") != "ok":
@@ -99,7 +101,9 @@ def frame(results: Iterable[dict[str, Any]]) -> pd.DataFrame:
                      "merge_info": (r.get("info") or {}).get("merge") or {}})
     columns = ["preset", "attack", "merger", "defense", "seed", *METRICS, "attack_info", "merge_info"]
     df = pd.DataFrame(rows, columns=columns)
-    return df.sort_values(["preset", "attack", "merger", "defense", "seed"], kind="mergesort").reset_index(drop=True)
+    df = df.sort_values(["preset", "attack", "merger", "defense", "seed"], kind="mergesort").reset_index(drop=True)
+    df.attrs["sweeps"] = list(sweeps)
+    return df
 
 
 def _where(df: pd.DataFrame, attack: str | None = None, merger: str | None = None,
@@ -175,6 +179,25 @@ def _classic_collapses(df: pd.DataFrame) -> dict[str, list[Values]]:
 def _badmerging_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
     return {f"{a}/{m}": [by_seed(df, "asr", attack=a, merger=m, defense="none")]
             for a in ("badmerging", "badmerging_off") for m in mergers(df)}
+
+
+def _over_tasks(df: pd.DataFrame, attack: str, first: int = 2, last: int = 8) -> dict[str, list[Values]]:
+    """Per merger of the task-count sweep (``merge.tasks``, the preset's own cells at K = all):
+    per seed, the smallest ASR of ``attack``/<merger>/none over K = ``first`` … ``last`` (the Ks
+    the preset has), for the seeds that hold every one of those Ks."""
+    points = [p for p in df.attrs.get("sweeps", ()) if p["param"] == "merge.tasks"
+              and p["attack"] == attack and p["defense"] == "none" and first <= p["value"] <= last]
+    out: dict[str, list[Values]] = {}
+    for merger in sorted({p["merger"] for p in points}):
+        mine = [p for p in points if p["merger"] == merger]
+        ks = sorted(p["value"] for p in mine)
+        if len(ks) < 2:
+            continue  # one K is no sweep
+        seeds = set.intersection(*(set(p["seeds"]) for p in mine))
+        values = {s: min(p["seeds"][s]["asr"] for p in mine) for s in sorted(seeds)
+                  if all(_finite(p["seeds"][s]["asr"]) for p in mine)}
+        out[f"{merger}, K {ks[0]:g}–{ks[-1]:g}"] = [values]
+    return out
 
 
 def _lobam_survives(df: pd.DataFrame) -> dict[str, list[Values]]:
@@ -268,6 +291,12 @@ CLAIMS: tuple[Claim, ...] = (
           "BadMerging keeps ≥ 90 % ASR under every merger",
           "badmerging/<merger>/none and badmerging_off/<merger>/none asr, per attack × merger",
           (Condition("ASR", ">=", 0.90),), _badmerging_survives),
+    Claim("badmerging_over_tasks", "BadMerging (Zhang et al. 2024)",
+          "BadMerging's ASR stays above 92 % from 2 to 8 merged tasks",
+          "per merger and seed, the smallest badmerging/<merger>/none asr over merge.tasks = 2 … 8 "
+          "(the task-count sweep: mmbench run --sweep merge.tasks=2,3,...; the preset's own cell at K = all)",
+          (Condition("smallest ASR over K", ">", 0.92),), lambda df: _over_tasks(df, "badmerging"),
+          note="K stops at the preset's number of tasks"),
     Claim("lobam_survives", "LoBAM (Yin et al. 2024)",
           "an attacker limited to LoRA keeps > 98 % ASR after merging by amplifying τ_mal − τ_ben",
           "lobam/<merger>/none asr, per merger (info.attack.lam: the λ its rule chose)",

@@ -183,3 +183,25 @@ def test_merge_backdoor_claim_takes_the_worst_upload_alone():
     for r, asr in zip(out, (0.05, 0.6, 0.06)):
         r["info"]["attack"]["standalone"]["contributions"]["b"]["asr"] = asr
     assert lines_by_label(out)[("merge_backdoor_needs_merge", "ta")].verdict == "inconclusive"
+
+
+def test_badmerging_over_tasks_from_the_sweep_points():
+    def point(merger, k, asrs):
+        return {"param": "merge.tasks", "attack": "badmerging", "merger": merger, "defense": "none",
+                "value": float(k), "seeds": {s: {"asr": a, "acc": 0.5, "normalized_acc": 0.7}
+                                             for s, a in enumerate(asrs)}}
+    points = [point("ties", 1, [0.10, 0.10, 0.10]),      # K = 1 is not in "2 to 8": left out
+              point("ties", 2, [0.97, 0.96, 0.98]), point("ties", 3, [0.95, 0.97, 0.96]),
+              point("ta", 2, [0.56, 0.55, 0.58]), point("ta", 3, [0.57, 0.60, 0.54]),
+              point("ta", 9, [0.00, 0.00, 0.00]),         # beyond 8: left out
+              {**point("ties", 2, [0.0, 0.0, 0.0]), "attack": "badnets"}]   # another attack
+    lines = {(l.claim.id, l.sub): l for l in findings.evaluate(findings.frame(synthetic(), points))}
+    # TIES, per seed the smaller of K = 2, 3: 0.95, 0.96, 0.96 → 0.9567 ± 4.303·0.00577/√3 = [0.9423, 0.9710] > 0.92
+    ties = lines[("badmerging_over_tasks", "ties, K 2–3")]
+    assert ties.verdict == "reproduced"
+    iv = ties.parts[0][1].interval
+    assert iv.mean == pytest.approx(0.95667, abs=1e-4) and iv.lo == pytest.approx(0.9423, abs=1e-4)
+    # TA: 0.56, 0.55, 0.54, all far below
+    assert lines[("badmerging_over_tasks", "ta, K 2–3")].verdict == "not reproduced"
+    # without the sweep: not measured
+    assert lines_by_label(synthetic())[("badmerging_over_tasks", "")].verdict == "not measured"
