@@ -151,14 +151,25 @@ def _executor(registry, name: str, jobs: int, address: str | None):
                          f"pip install 'mmbench[{name}]'") from None
 
 
+def _sweep_graphs(args, registry, preset) -> tuple[list[dict], list]:
+    """(the sweep's settings, one planned graph per setting) of ``run`` and ``plan``: [{}] and
+    one graph without --sweep; a sweep has no detection track unless --detector asks."""
+    from . import sweeps
+    from .graph import parse_overrides, plan
+
+    overrides = parse_overrides(args.set or [], registry)
+    settings = sweeps.parse(args.sweep, registry) if args.sweep else [{}]
+    detectors = _detectors(args) if not args.sweep or args.detector else []
+    return settings, [plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
+                           sweeps.merge_overrides(overrides, extra), detectors=detectors) for extra in settings]
+
+
 def cmd_run(args) -> int:
     import torch
 
-    from . import sweeps
     from .data import DataError
     from .execute import Runtime
     from .executors.local import WorkerDied
-    from .graph import parse_overrides, plan
     from .run import execute_graph
     from .store import Store
 
@@ -171,11 +182,7 @@ def cmd_run(args) -> int:
     if args.address and args.executor != "ray":
         raise UsageError("--address goes with --executor ray")
     jobs = args.jobs or (1 if device.type == "cuda" else (os.cpu_count() or 1))
-    overrides = parse_overrides(args.set or [], registry)
-    settings = sweeps.parse(args.sweep or [], registry) if args.sweep else [{}]
-    detectors = _detectors(args) if not args.sweep or args.detector else []
-    graphs = [plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
-                   sweeps.merge_overrides(overrides, extra), detectors=detectors) for extra in settings]
+    settings, graphs = _sweep_graphs(args, registry, preset)
     store = Store(args.store)
     if args.rerun != "never" and hasattr(store, "check_writable"):
         store.check_writable()
@@ -292,20 +299,14 @@ def _detection_lines(results: list[dict]) -> list[str]:
 def cmd_plan(args) -> int:
     from dataclasses import replace
 
-    from . import sweeps
     from .estimate import load_throughput, plan_rows, render
-    from .graph import parse_overrides, plan
     from .store import Store
 
     path = args.throughput if args.throughput is not None else os.environ.get("MMBENCH_THROUGHPUT") or None
     measured = load_throughput(path) if path else None
     registry = load()
     preset = _with_batch_size(_preset(registry, args.preset), args.batch_size)
-    overrides = parse_overrides(args.set or [], registry)
-    settings = sweeps.parse(args.sweep, registry) if args.sweep else [{}]
-    detectors = _detectors(args) if not args.sweep or args.detector else []  # as run does
-    graphs = [plan(registry, preset, args.attack, args.merger, args.defense, args.seed,
-                   sweeps.merge_overrides(overrides, extra), detectors=detectors) for extra in settings]
+    settings, graphs = _sweep_graphs(args, registry, preset)
     store = Store(args.store)
     rows, seen = [], set()
     for graph in graphs:  # a stage the settings share (fine-tunes, attacks) is listed and priced once
