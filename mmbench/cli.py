@@ -432,7 +432,10 @@ def cmd_leaderboard(args) -> int:
     overrides = parse_overrides(args.set or [], registry)
     expected, results = _stored_results(registry, store, presets, overrides)
     detection = _detection_entries(registry, store, presets, overrides)
-    sweep_points = {name: sweeps.collect(registry, store, _preset(registry, name)) for name in presets}
+    swept = {name: sweeps.current_results(registry, store, _preset(registry, name)) for name in presets}
+    sweep_points = {name: sweeps.collect(registry, store, _preset(registry, name), swept[name]) for name in presets}
+    disagreements = leaderboard.attack_disagreements(
+        [r for r in results if r.get("status") == "ok"] + [r for rs in swept.values() for r in rs])
     for line in store.unreadable if hasattr(store, "unreadable") else []:
         print(f"mmbench: warning: {line}", file=sys.stderr)
     df = leaderboard.table(results, expected)
@@ -473,6 +476,7 @@ def cmd_leaderboard(args) -> int:
                               sweep_points)
         problems += leaderboard.differences(page, Path(args.out)) + site.extra_plots(page, Path(args.out))
         problems += submissions.problems(store.root, presets)
+        problems += disagreements
         for line in problems:
             print(line)
         if problems:
@@ -482,6 +486,8 @@ def cmd_leaderboard(args) -> int:
             print(f"note: {missing} detection-track stage(s) not run (reported as such; not a failure)")
         print("leaderboard up to date")
         return 0
+    for line in disagreements:
+        print(f"mmbench: warning: {line}", file=sys.stderr)
     paths = leaderboard.write(df, Path(args.out), notes="\n\n".join(notes), findings=sections)
     if "detection.csv" in files:
         paths += site.write({"detection.csv": files["detection.csv"]}, Path(args.out))

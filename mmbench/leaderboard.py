@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from . import stats
+from .keys import canonical_json
 
 KEYS = ["preset", "attack", "merger", "defense"]
 COLUMNS = ["preset", "attack", "merger", "defense", "seed", "status", "acc", "normalized_acc", "asr",
@@ -356,3 +357,42 @@ def differences(files: dict[str, bytes], out_dir: Path) -> list[str]:
         elif path.read_bytes() != data:
             problems.append(f"{path}: differs from the stored results (run mmbench leaderboard)")
     return problems
+
+
+STANDALONE_COUNTS = ("acc_counts", "asr_counts", "clean_asr_counts")
+
+
+def attack_disagreements(results: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per attack stage whose cells disagree on what the attack gave alone.
+
+    Every ok cell of one preset, attack, seed, attack code and attack parameters reads the same
+    attack stage (one key), so the figures of the attacker's model alone that the cell records
+    (``info.attack.standalone``: test-image counts of ACC, ASR and clean ASR) must be the same in
+    all of them, whatever the merger, defense or number of merged tasks. Cells that disagree were
+    computed from two computations of that stage with the same key: a store filled on machines
+    whose floating point differs, where the stage was recomputed on one of them. Mixing them makes
+    a defense's ΔASR, or a sweep's curve, compare two different attacks. (Reading the counts, not
+    the attack's weights: two computations that agree on every count pass.)
+    """
+    groups: dict[tuple, dict[str, list[str]]] = {}
+    for r in results:
+        standalone = ((r.get("info") or {}).get("attack") or {}).get("standalone")
+        if r.get("status") != "ok" or not isinstance(standalone, dict):
+            continue
+        code = ((r.get("plugins") or {}).get("attack") or {}).get("code")
+        group = (str(r.get("preset")), str(r.get("attack")), r.get("seed"), str(code),
+                 canonical_json((r.get("params") or {}).get("attack")))
+        figures = canonical_json({k: standalone.get(k) for k in STANDALONE_COUNTS})
+        setting = r.get("setting") or []
+        label = str(r.get("cell")) + (f" ({canonical_json(setting)})" if setting else "")
+        groups.setdefault(group, {}).setdefault(figures, []).append(label)
+    lines = []
+    for (preset, attack, seed, _, _), by_figures in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        if len(by_figures) < 2:
+            continue
+        parts = "; ".join(f"{len(cells)} cell(s) with {figures} (e.g. {sorted(cells)[0]})"
+                          for figures, cells in sorted(by_figures.items(), key=lambda kv: -len(kv[1])))
+        lines.append(f"{preset} {attack} seed {seed}: its cells read different computations of one attack "
+                     f"stage: {parts}; recompute them from one (mmbench run --attack {attack} --seed {seed} "
+                     f"--rerun always, with the same --set/--sweep)")
+    return lines

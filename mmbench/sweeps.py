@@ -72,18 +72,35 @@ def _single(setting: Any) -> tuple[str, str, Any] | None:
     return plugin, param, value
 
 
-def collect(registry, store, preset) -> list[dict[str, Any]]:
+def current_results(registry, store, preset) -> list[dict[str, Any]]:
+    """The ok results of ``preset`` stored with one setting (a sweep's cells) whose key is the
+    key their cell has now, in the order of their settings."""
+    from .graph import plan
+
+    swept: dict[str, list[dict[str, Any]]] = {}
+    for r in store.results(preset.name):
+        if _single(r.get("setting")) is None or r.get("status") != "ok":
+            continue
+        swept.setdefault(canonical_json(r["setting"]), []).append(r)
+    out: list[dict[str, Any]] = []
+    for setting_json, results in sorted(swept.items()):
+        seeds = sorted({r["seed"] for r in results if isinstance(r.get("seed"), int)})
+        try:
+            graph = plan(registry, preset, seeds=seeds, overrides=json.loads(setting_json), detectors=[])
+        except UsageError:
+            continue  # a plugin or parameter that no longer exists
+        keys = {c.id: graph.cell_keys[c] for c in graph.cells}
+        out += [r for r in results if keys.get(r.get("cell")) == r.get("key")]
+    return out
+
+
+def collect(registry, store, preset, current: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The sweep points of ``preset``: one entry per (plugin.param, attack, merger, defense,
     value) with the per-seed ASR, ACC and normalised ACC of the ok results whose key is current."""
     from .graph import HARNESS, plan
 
-    swept: dict[str, list[dict[str, Any]]] = {}
-    for r in store.results(preset.name):
-        one = _single(r.get("setting"))
-        if one is None or r.get("status") != "ok":
-            continue
-        swept.setdefault(canonical_json(r["setting"]), []).append(r)
-    if not swept:
+    current = current_results(registry, store, preset) if current is None else current
+    if not current:
         return []
     points: dict[tuple, dict[str, Any]] = {}
 
@@ -96,19 +113,10 @@ def collect(registry, store, preset) -> list[dict[str, Any]]:
                                      "normalized_acc": m.get("normalized_acc")}
 
     params_seen: set[tuple[str, str]] = set()
-    for setting_json, results in sorted(swept.items()):
-        setting = json.loads(setting_json)
-        plugin, param, value = _single(setting)
-        seeds = sorted({r["seed"] for r in results if isinstance(r.get("seed"), int)})
-        try:
-            graph = plan(registry, preset, seeds=seeds, overrides=setting, detectors=[])
-        except UsageError:
-            continue  # a plugin or parameter that no longer exists
-        current = {c.id: graph.cell_keys[c] for c in graph.cells}
-        for r in results:
-            if current.get(r.get("cell")) == r.get("key"):
-                add(plugin, param, value, r)
-                params_seen.add((plugin, param))
+    for r in current:
+        plugin, param, value = _single(r["setting"])
+        add(plugin, param, value, r)
+        params_seen.add((plugin, param))
     if not points:
         return []
     # the preset's own value of each swept parameter, from its own cells
