@@ -193,6 +193,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     counts: dict[str, int] = {}
     base_shown: set[int] = set()
+    seeds_run = args.seed or preset.seeds  # several seeds or sweep values: each line says which
 
     def on_result(r: dict) -> None:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -203,7 +204,8 @@ def cmd_run(args) -> int:
                   "  (every merge should gain over this)", flush=True)
         line = (f"{r['attack']:>14} {r['merger']:>12} {r['defense']:>8}  {r['status']:<7} "
                 f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}"
-                + (f"  gain {_fmt(m['acc_gain_over_base'])}" if m.get("acc_gain_over_base") is not None else ""))
+                + (f"  gain {_fmt(m['acc_gain_over_base'])}" if m.get("acc_gain_over_base") is not None else "")
+                + (f"  [{_which(r)}]" if len(seeds_run) > 1 or any(settings) else ""))
         if r["status"] == "failed":
             line += f"  {r.get('error', '')} (traceback in {store.result_path(preset.name, r['cell'])})"
         print(line, flush=True)
@@ -294,6 +296,15 @@ def _detection_lines(results: list[dict]) -> list[str]:
             lines.append(f"{head} {r.get('merger', '?'):>10}  seed {r.get('seed')}  without {r.get('left_out')}: "
                          f"ACC {_fmt(m.get('acc'))}  norm {_fmt(m.get('normalized_acc'))}  ASR {_fmt(m.get('asr'))}")
     return lines
+
+
+def _which(r: dict) -> str:
+    """'seed 2, merge.tasks=3': what tells apart the lines of a run over several seeds or a sweep."""
+    parts = [f"seed {r.get('seed')}"]
+    setting = r.get("setting") or {}
+    for plugin, params in sorted(setting.items() if isinstance(setting, dict) else []):
+        parts += [f"{plugin}.{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+    return ", ".join(parts)
 
 
 def cmd_plan(args) -> int:

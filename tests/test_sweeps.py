@@ -123,6 +123,9 @@ def test_a_merge_tasks_sweep_through_the_cli_and_the_leaderboard(store_copy, tmp
     args = ["run", "--preset", "smoke", "--attack", "none", "--attack", "badnets", "--merger", "ta",
             "--defense", "none", "--sweep", "merge.tasks=1,2", "--store", str(store_copy)]
     assert main(args) == 0
+    # each cell's line says which sweep value (and seed) it is; K = 2 is smoke's own cell
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.split()[:3] == ["badnets", "ta", "none"]]
+    assert [l.rsplit("[", 1)[1] for l in lines] == ["seed 0, merge.tasks=1]", "seed 0]"]
     folder = store_copy / "results" / "smoke"
     own = json.loads((folder / "badnets__ta__none__seed0.json").read_text())
     one = next(json.loads(p.read_text()) for p in folder.glob("badnets__ta__none__set-merge.tasks=1-*__seed0.json"))
