@@ -372,7 +372,9 @@ def attack_disagreements(results: Iterable[dict[str, Any]]) -> list[str]:
     computed from two computations of that stage with the same key: a store filled on machines
     whose floating point differs, where the stage was recomputed on one of them. Mixing them makes
     a defense's ΔASR, or a sweep's curve, compare two different attacks. (Reading the counts, not
-    the attack's weights: two computations that agree on every count pass.)
+    the attack's weights: two computations that agree on every count pass.) The fix is to recompute
+    one side's cells with ``--rerun cells``, which reads the stage the store holds; ``--rerun
+    always`` would compute the stage a third time and leave the cells it does not select behind.
     """
     groups: dict[tuple, dict[str, list[str]]] = {}
     for r in results:
@@ -393,6 +395,7 @@ def attack_disagreements(results: Iterable[dict[str, Any]]) -> list[str]:
         parts = "; ".join(f"{len(cells)} cell(s) with {figures} (e.g. {sorted(cells)[0]})"
                           for figures, cells in sorted(by_figures.items(), key=lambda kv: -len(kv[1])))
         lines.append(f"{preset} {attack} seed {seed}: its cells read different computations of one attack "
-                     f"stage: {parts}; recompute them from one (mmbench run --attack {attack} --seed {seed} "
-                     f"--rerun always, with the same --set/--sweep)")
+                     f"stage: {parts}; recompute the cells that disagree with the stage the store holds "
+                     f"(mmbench run --attack {attack} --seed {seed} --rerun cells, with their mergers, "
+                     f"defenses and --set/--sweep)")
     return lines

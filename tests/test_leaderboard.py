@@ -176,9 +176,9 @@ def test_check_command_stale_failed_not_run_and_edited_files(store_copy, tmp_pat
     assert "smoke none/ta/none seed 0: failed" in capsys.readouterr().out
 
 
-def _attacked(cell, acc_k, asr_k, *, seed=0, setting=(), code="c1", params=None, status="ok"):
+def _attacked(cell, acc_k, asr_k, *, seed=0, setting=None, code="c1", params=None, status="ok"):
     return {"preset": "p", "attack": "badnets", "seed": seed, "cell": cell, "status": status,
-            "setting": list(setting), "plugins": {"attack": {"code": code}},
+            "setting": setting or {}, "plugins": {"attack": {"code": code}},
             "params": {"attack": params or {"poison_rate": 0.1}},
             "info": {"attack": {"standalone": {"acc_counts": [acc_k, 1000], "asr_counts": [asr_k, 900],
                                                "clean_asr_counts": [10, 900]}}}}
@@ -187,7 +187,7 @@ def _attacked(cell, acc_k, asr_k, *, seed=0, setting=(), code="c1", params=None,
 def test_attack_disagreements_flag_cells_of_one_attack_stage_computed_twice():
     same = [_attacked("badnets__ta__none__seed0", 721, 875),
             _attacked("badnets__ties__ibvs__seed0", 721, 875),
-            _attacked("badnets__ta__none__seed0", 721, 875, setting=[{"merge": {"tasks": 3}}])]
+            _attacked("badnets__ta__none__seed0", 721, 875, setting={"merge": {"tasks": 3}})]
     assert leaderboard.attack_disagreements(same) == []
     # another seed, attack parameter or attack code is another stage: no disagreement
     others = [_attacked("badnets__ta__none__seed1", 700, 800, seed=1),
@@ -196,9 +196,9 @@ def test_attack_disagreements_flag_cells_of_one_attack_stage_computed_twice():
               _attacked("badnets__dare__none__seed0", 1, 1, status="failed")]
     assert leaderboard.attack_disagreements(same + others) == []
     # a sweep cell read a recomputation of the stage that gave one more correct image
-    odd = _attacked("badnets__ta__none__seed0", 722, 875, setting=[{"merge": {"tasks": 2}}])
+    odd = _attacked("badnets__ta__none__seed0", 722, 875, setting={"merge": {"tasks": 2}})
     (line,) = leaderboard.attack_disagreements(same + others + [odd])
     assert line.startswith("p badnets seed 0: its cells read different computations of one attack stage: "
                            '3 cell(s) with {"acc_counts":[721,1000]')
-    assert 'badnets__ta__none__seed0 ([{"merge":{"tasks":2}}])' in line
-    assert "--attack badnets --seed 0 --rerun always" in line
+    assert 'badnets__ta__none__seed0 ({"merge":{"tasks":2}})' in line
+    assert "--attack badnets --seed 0 --rerun cells" in line
