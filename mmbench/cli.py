@@ -216,8 +216,7 @@ def cmd_run(args) -> int:
         cells = list(graph.cells)
         n_detect = sum(graph.stage(k).kind == "detect" for k in graph.detection)
         if args.sweep:
-            shown = ", ".join(f"{p}.{k}={json.dumps(v)}" for p, kv in extra.items() for k, v in kv.items())
-            echo(f"sweep {i + 1}/{len(settings)}: {shown}")
+            echo(f"sweep {i + 1}/{len(settings)}: {_setting_text(extra)}")
         echo(f"mmbench {__version__}: preset {preset.name}, {len(cells)} cells"
              + (f" + {n_detect} detections ({len(graph.detection) - n_detect} screens)" if n_detect else "")
              + f", {len(graph)} stages on {device}, store {args.store}, rerun {args.rerun}, {where}")
@@ -298,13 +297,16 @@ def _detection_lines(results: list[dict]) -> list[str]:
     return lines
 
 
+def _setting_text(setting: dict) -> str:
+    """'ta.lambda=0.5, merge.tasks=3': a --set/--sweep setting ({plugin: {param: value}}) as typed."""
+    return ", ".join(f"{p}.{k}={json.dumps(v)}" for p, kv in setting.items() for k, v in kv.items())
+
+
 def _which(r: dict) -> str:
     """'seed 2, merge.tasks=3': what tells apart the lines of a run over several seeds or a sweep."""
-    parts = [f"seed {r.get('seed')}"]
-    setting = r.get("setting") or {}
-    for plugin, params in sorted(setting.items() if isinstance(setting, dict) else []):
-        parts += [f"{plugin}.{k}={json.dumps(v)}" for k, v in sorted(params.items())]
-    return ", ".join(parts)
+    setting = r.get("setting")
+    return ", ".join([f"seed {r.get('seed')}"] + ([_setting_text(setting)] if isinstance(setting, dict)
+                                                  and setting else []))
 
 
 def cmd_plan(args) -> int:
@@ -328,8 +330,7 @@ def cmd_plan(args) -> int:
     whole = replace(graphs[0], cells=tuple(c for g in graphs for c in g.cells)) if len(graphs) > 1 else graphs[0]
     text = render(whole, store, rows, measured)
     if args.sweep:
-        shown = "; ".join(", ".join(f"{p}.{k}={json.dumps(v)}" for p, kv in extra.items() for k, v in kv.items())
-                          for extra in settings)
+        shown = "; ".join(_setting_text(extra) for extra in settings)
         text = f"sweep of {len(settings)} settings: {shown}\n" + text
     print(text)
     return 0
