@@ -45,13 +45,9 @@ FIXES = {
           "in turn: 2 + 3K passes over d floats where K + 2 suffice. Accumulate tensor by tensor in "
           "cache-sized chunks (out[chunk] = θ_pre[chunk] + λ·Σ_k τ_k[chunk]), so the output chunk stays in "
           "cache while the K task rows stream through once (in `mmbench/vectors.py`, fingerprinted).",
-    "ties": "`ties_merge` already finds each trim threshold in one streaming pass (a strided sample "
-            "brackets the k-th magnitude; `kthvalue` inside the bracket) and elects and merges in one fused "
-            "pass per tensor; what remains is PyTorch's per-element cost of eager ops (abs, compares, "
-            "`masked_select` for the threshold; hardshrink, add, mul, threshold, add for elect + merge), "
-            "each about the copy bound per op on this CPU. Reaching 4× needs a compiled kernel that reads "
-            "each entry once (e.g. `torch.compile` of the elect-and-merge loop, or a C++ extension), in "
-            "`mmbench/vectors.py` and `plugins/mergers/ties.py` (fingerprinted).",
+    "ties": "`ties_merge` runs its two passes (each task's trim threshold; elect + disjoint merge) in "
+            "the compiled C kernel of `plugins/mergers/ties_kernel.py`, each reading every entry once; "
+            "where it cannot load (no C compiler) TIES runs eagerly, about 4× slower.",
     "ibvs": "`subtract_backdoor_vector` subtracts in place into the merged weights (`sub_(bv, alpha=λ)`); "
             "a tensor that shares memory with θ_pre, a task vector or the BV is subtracted out of place "
             "(in `plugins/defenses/ibvs.py`).",
@@ -154,10 +150,13 @@ def test_merge_time(benchmark, perf, full, op):
     bandwidth = moved / bound
     fix = FIXES[op]
     if op == "ties":  # where the time goes: the per-task trim thresholds against the rest
-        from mmbench.vectors import trim_threshold
+        from mmbench_plugins.mergers import ties_kernel
+        from mmbench_plugins.mergers.ties import task_threshold
+        lib = ties_kernel.load()
         with threads(1):
-            trim = best_of(lambda: [trim_threshold(v, 0.2) for v in vectors.values()], 1)
-        fix = (f"Measured here: the {len(vectors)} trim thresholds (`kth_largest_magnitude`, one streaming "
+            trim = best_of(lambda: [task_threshold(v, 0.2, lib) for v in vectors.values()], 1)
+        path = "the compiled kernel" if lib is not None else f"eager ({ties_kernel.why_not()})"
+        fix = (f"Measured here, with {path}: the {len(vectors)} trim thresholds (one streaming "
                f"pass per task) take {trim:.2f} s of the {subject:.2f} s; "
                f"elect and disjoint merge the other {max(subject - trim, 0):.2f} s "
                f"({max(subject - trim, 0) / bound:.1f}× the bound). " + fix)

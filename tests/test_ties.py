@@ -248,3 +248,114 @@ def test_kth_largest_magnitude_falls_back_when_the_bracket_misses(monkeypatch):
         monkeypatch.setattr(vectors, "_bracket", lambda *a, b=bracket: b)
         for k in (1, 100, 2500, 5600):
             assert ties.kth_largest_magnitude(tensors, k, direct_below=0) == _reference_kth(tensors, k)
+
+
+# --- the compiled kernel (plugins/mergers/ties_kernel.py): the same results as the eager path ---
+
+from mmbench_plugins.mergers import ties_kernel  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(ties_kernel.load() is None, reason=f"no TIES kernel: {ties_kernel.why_not()}")
+
+
+def _float32_tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(3000, generator=g) * 1e-3, torch.randn(37, 11, generator=g),
+            torch.tensor([0.0, -0.0, 1e-42, -1e-42, 5.0, -5.0, 5.0] * 50),  # zeros, denormals, ties
+            torch.randn(500, generator=g).half().float(), torch.randn(400, generator=g).round()]  # many ties
+
+
+@needs_kernel
+@pytest.mark.parametrize("step", (1, 3, 211))
+def test_kernel_kth_largest_magnitude_is_exact(step):
+    tensors = _float32_tensors(3)
+    n = sum(t.numel() for t in tensors)
+    lib = ties_kernel.load()
+    for k in (1, 2, 3, 4, 17, 500, 1000, n // 5, n // 2, n - 3, n):
+        got = ties_kernel.kth_largest_magnitude(lib, tensors, k, step=step, direct_below=0)
+        assert got == _reference_kth(tensors, k), (k, step)
+
+
+@needs_kernel
+def test_kernel_kth_largest_magnitude_falls_back_on_a_missed_bracket_or_a_full_buffer(monkeypatch):
+    import mmbench.vectors as vectors
+    g = torch.Generator().manual_seed(4)
+    tensors = [torch.randn(5000, generator=g), torch.randn(20, 30, generator=g)]
+    lib = ties_kernel.load()
+    for k in (1, 100, 2500, 5600):  # 10 entries of room: the bracket holds more
+        assert ties_kernel.kth_largest_magnitude(lib, tensors, k, direct_below=0, step=1, cap=10) \
+            == _reference_kth(tensors, k)
+    for bracket in ((3.0, 4.0), (0.0, 1e-6), (10.0, 20.0)):  # wrong brackets: too high, too low
+        monkeypatch.setattr(vectors, "_bracket", lambda *a, b=bracket: b)
+        for k in (1, 100, 2500, 5600):
+            assert ties_kernel.kth_largest_magnitude(lib, tensors, k, direct_below=0) == _reference_kth(tensors, k)
+
+
+def _kernel_case(seed, majority):
+    """Tensors over several of the kernel's 256-coordinate blocks, with exact cancellations, zero
+    θ_pre entries and a chosen majority sign (the sign of most surviving entries)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((300, 7), (1000,), (13,), (4, 4, 3))
+    pretrained = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    pretrained["p1"][::7] = 0.0
+    task_vectors = {f"task{k}": {n: torch.randn(v.shape, generator=g).abs() * majority * (k + 1)
+                                 + 0.5 * torch.randn(v.shape, generator=g) for n, v in pretrained.items()}
+                    for k in range(5)}
+    a, b = task_vectors["task0"]["p1"], task_vectors["task2"]["p1"]
+    a[:60] = torch.randn(60, generator=g) * 40  # survive every trim, then cancel exactly
+    b[:60] = -a[:60]
+    for name in ("task1", "task3", "task4"):
+        task_vectors[name]["p1"][:60] = 0
+    return pretrained, task_vectors
+
+
+@needs_kernel
+@pytest.mark.parametrize("merge", ties.MERGES)
+@pytest.mark.parametrize("majority", (1.0, -1.0))
+def test_kernel_merge_is_bit_identical_to_the_eager_merge(merge, majority):
+    pretrained, task_vectors = _kernel_case(5, majority)
+    before = {k: {n: v.clone() for n, v in tv.items()} for k, tv in task_vectors.items()}
+    for k, lam in ((0.2, 0.3), (0.5, 0.7), (1.0, 1.0)):
+        eager = ties.ties_merge(pretrained, task_vectors, k=k, merge=merge, lam=lam, kernel=False)
+        compiled = ties.ties_merge(pretrained, task_vectors, k=k, merge=merge, lam=lam, kernel=True, workers=2)
+        for n in pretrained:
+            assert torch.equal(compiled[n], eager[n]), (n, k, lam)
+    trimmed = [ties.trim(tv, 0.5) for tv in task_vectors.values()]
+    expected = ties.disjoint_merge(trimmed, ties.elect(trimmed), merge)
+    compiled = ties.ties_merge(pretrained, task_vectors, k=0.5, merge=merge, lam=0.7, kernel=True)
+    assert all(torch.equal(compiled[n], pretrained[n] + 0.7 * expected[n]) for n in pretrained)
+    assert all(torch.equal(task_vectors[k][n], before[k][n]) for k in before for n in before[k])
+
+
+def test_without_the_kernel_ties_runs_eagerly(monkeypatch):
+    pretrained, task_vectors = _kernel_case(6, 1.0)
+    expected = ties.ties_merge(pretrained, task_vectors, kernel=False)
+    monkeypatch.setattr(ties_kernel, "_loaded", {})
+    monkeypatch.setattr(ties_kernel, "_why", [])
+    monkeypatch.setenv("MMBENCH_TIES_KERNEL", "0")
+    merged = ties.ties_merge(pretrained, task_vectors)
+    assert all(torch.equal(merged[n], expected[n]) for n in pretrained)
+    assert ties_kernel.why_not() == "MMBENCH_TIES_KERNEL=0"
+    with pytest.raises(RuntimeError, match="MMBENCH_TIES_KERNEL=0"):
+        ties.ties_merge(pretrained, task_vectors, kernel=True)
+
+
+def test_without_a_compiler_ties_runs_eagerly(monkeypatch, tmp_path):
+    pretrained, task_vectors = _kernel_case(7, 1.0)
+    expected = ties.ties_merge(pretrained, task_vectors, kernel=False)
+    monkeypatch.setattr(ties_kernel, "_loaded", {})
+    monkeypatch.setattr(ties_kernel, "_why", [])
+    monkeypatch.setattr(ties_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setenv("MMBENCH_KERNEL_CACHE", str(tmp_path))
+    merged = ties.ties_merge(pretrained, task_vectors)
+    assert all(torch.equal(merged[n], expected[n]) for n in pretrained)
+    assert "no C compiler" in ties_kernel.why_not() and not list(tmp_path.iterdir())
+
+
+@needs_kernel
+def test_kernel_is_used_for_float32_only():
+    pretrained, task_vectors = _kernel_case(8, 1.0)
+    half = {n: p.half() for n, p in pretrained.items()}
+    merged = ties.ties_merge(half, task_vectors)  # θ_pre in float16: the eager path
+    assert all(m.dtype == torch.float16 for m in merged.values())
+    with pytest.raises(RuntimeError, match="float32"):
+        ties.ties_merge(half, task_vectors, kernel=True)
