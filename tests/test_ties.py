@@ -290,29 +290,32 @@ def test_kernel_kth_largest_magnitude_falls_back_on_a_missed_bracket_or_a_full_b
             assert ties_kernel.kth_largest_magnitude(lib, tensors, k, direct_below=0) == _reference_kth(tensors, k)
 
 
-def _kernel_case(seed, majority):
-    """Tensors over several of the kernel's 256-coordinate blocks, with exact cancellations, zero
+def _kernel_case(seed, majority, tasks=5):
+    """Tensors over several of the kernel's blocks of coordinates, with exact cancellations, zero
     θ_pre entries and a chosen majority sign (the sign of most surviving entries)."""
     g = torch.Generator().manual_seed(seed)
     shapes = ((300, 7), (1000,), (13,), (4, 4, 3))
     pretrained = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
     pretrained["p1"][::7] = 0.0
-    task_vectors = {f"task{k}": {n: torch.randn(v.shape, generator=g).abs() * majority * (k + 1)
+    task_vectors = {f"task{k}": {n: torch.randn(v.shape, generator=g).abs() * majority * (k % 5 + 1)
                                  + 0.5 * torch.randn(v.shape, generator=g) for n, v in pretrained.items()}
-                    for k in range(5)}
-    a, b = task_vectors["task0"]["p1"], task_vectors["task2"]["p1"]
-    a[:60] = torch.randn(60, generator=g) * 40  # survive every trim, then cancel exactly
-    b[:60] = -a[:60]
-    for name in ("task1", "task3", "task4"):
-        task_vectors[name]["p1"][:60] = 0
+                    for k in range(tasks)}
+    if tasks >= 3:
+        a, b = task_vectors["task0"]["p1"], task_vectors["task2"]["p1"]
+        a[:60] = torch.randn(60, generator=g) * 40  # survive every trim, then cancel exactly
+        b[:60] = -a[:60]
+        for name in task_vectors:
+            if name not in ("task0", "task2"):
+                task_vectors[name]["p1"][:60] = 0
     return pretrained, task_vectors
 
 
 @needs_kernel
 @pytest.mark.parametrize("merge", ties.MERGES)
 @pytest.mark.parametrize("majority", (1.0, -1.0))
-def test_kernel_merge_is_bit_identical_to_the_eager_merge(merge, majority):
-    pretrained, task_vectors = _kernel_case(5, majority)
+@pytest.mark.parametrize("tasks", (1, 5, 17))  # 17: the kernel's path for more than 16 tasks
+def test_kernel_merge_is_bit_identical_to_the_eager_merge(merge, majority, tasks):
+    pretrained, task_vectors = _kernel_case(5, majority, tasks)
     before = {k: {n: v.clone() for n, v in tv.items()} for k, tv in task_vectors.items()}
     for k, lam in ((0.2, 0.3), (0.5, 0.7), (1.0, 1.0)):
         eager = ties.ties_merge(pretrained, task_vectors, k=k, merge=merge, lam=lam, kernel=False)

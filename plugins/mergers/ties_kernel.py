@@ -6,24 +6,26 @@ element-wise ops (abs, compares, a masked select; hardshrink, add, sign, multipl
 threshold, add), each a full trip through memory: 21× the copy bound at 8 × ViT-B-32
 (docs/performance.md). Here each pass is one loop that reads each entry once:
 
-* :func:`kth_largest_magnitude`: the exact k-th largest |x| over a task's tensors. A strided
-  sample brackets it in [lo, hi] (:func:`mmbench.vectors._bracket`, as the eager path); one
+* :func:`kth_largest_magnitude`: the exact k-th largest |x| over a task's tensors. Every
+  211th entry brackets it in [lo, hi] (the rule of :func:`mmbench.vectors._bracket`); one
   pass counts the entries above hi and copies the few inside the bracket (about 0.5 % at
-  ViT-B-32 scale), where ``kthvalue`` picks the value. A missed bracket, or more entries
-  inside than the buffer holds, falls back to :func:`mmbench.vectors.kth_largest_magnitude`.
+  ViT-B-32 scale), where a selection (``numpy.partition``, in place) picks the value. A missed
+  bracket, or more entries inside than the buffer holds, falls back to
+  :func:`mmbench.vectors.kth_largest_magnitude`. Any bracket gives the same exact value.
 * :func:`merge_tensor`: elect (s = sign(Σ_k T̂_k)) and disjoint merge (sum, mean or max of
-  the agreeing entries), θ_pre + λ·merged, over blocks of 256 coordinates whose K trimmed
-  rows stay in L1.
+  the agreeing entries), θ_pre + λ·merged, over blocks of 64 coordinates whose K trimmed
+  rows stay in L1; every loop runs over the block's coordinates, so each is vectorised.
 
 Results are bit-identical to the eager path for finite inputs: the same float32 operations in
 the same order (each coordinate's K-term sum is added task by task; λ is rounded to float32
 as PyTorch rounds a Python scalar; compiled with ``-ffp-contract=off`` so no multiply-add is
-fused). Coordinates whose elected sign is 0 are reported, as in the eager path, for the
+fused). tests/test_ties.py compares the two paths bit for bit (1, 5 and 17 tasks, the three
+merges, exact cancellations, either majority sign, zero θ_pre entries). Coordinates whose elected sign is 0 are reported, as in the eager path, for the
 majority sign to redo. NaN entries are not handled alike (the eager trim keeps a NaN, this one
 drops it); a task vector holding NaN is broken upstream either way.
 
-The source below is compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) and
-``-O3 -march=native`` into a per-user cache (``$MMBENCH_KERNEL_CACHE``, else
+The source below is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) and ``-O3 -march=native`` (without it where the compiler refuses it) into a per-user cache (``$MMBENCH_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/mmbench/kernels`` or ``~/.cache/mmbench/kernels``), named by a hash of the
 source, the flags and this CPU's model and feature flags, so a cache shared between machines
 never loads code built for another CPU. Compiling takes about a second, once. Where no
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -48,8 +51,16 @@ SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 
-#define BLOCK 256
-#define SCAN 1024
+#define SCAN 1024   /* entries per step of the threshold pass */
+#define BLOCK 64    /* coordinates per step of the merge */
+
+/* |x| of every step-th entry of each piece, into out; returns how many */
+int64_t mm_ties_sample(int pieces, const float* const* x, const int64_t* n, int64_t step, float* out) {
+  int64_t m = 0;
+  for (int p = 0; p < pieces; p++)
+    for (int64_t i = 0; i < n[p]; i += step) out[m++] = fabsf(x[p][i]);
+  return m;
+}
 
 /* one pass over n entries: the number with |x| > hi is returned; those with lo <= |x| <= hi
    are copied to buf[*inside...] (while it has room; *inside counts them all) */
@@ -82,81 +93,86 @@ int64_t mm_ties_bracket(const float* x, int64_t n, float lo, float hi,
   return above;
 }
 
-/* hardshrink(v, c): the trim of one entry (|v| >= threshold <=> |v| > c) */
-static inline float trimmed(float v, float c) { return (v >= -c && v <= c) ? 0.0f : v; }
+/* the trim of one entry: kept where |v| >= threshold, i.e. |v| > c (c just below it) */
+static inline float trimmed(float v, float c) { return fabsf(v) > c ? v : 0.0f; }
 
-/* elect + disjoint merge of n coordinates of K task rows, out = w + lam * merged.
-   mode 0 sum, 1 mean, 2 max. Where the sum of the trimmed entries is 0 the sign is +1
-   provisionally; such coordinates with an agreeing entry or a zero w are written to
-   suspects (offsets; *nsuspects of them). Returns the sum of the elected signs. */
-int64_t mm_ties_merge(int K, const float* const* rows, const float* cuts, const float* w,
-                      float* out, int64_t n, float lam, int mode,
-                      int64_t* suspects, int64_t* nsuspects) {
-  int64_t sign_total = 0, ns = 0;
-  float total[BLOCK], sfill[BLOCK], comb[BLOCK], cnt[BLOCK];
-  for (int64_t start = 0; start < n; start += BLOCK) {
-    int m = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
-    {
-      const float* r = rows[0] + start; float c = cuts[0];
-      for (int i = 0; i < m; i++) total[i] = trimmed(r[i], c);
-    }
-    for (int k = 1; k < K; k++) {  /* the sum, task by task, as total.add_(t) */
-      const float* r = rows[k] + start; float c = cuts[k];
-      for (int i = 0; i < m; i++) total[i] += trimmed(r[i], c);
-    }
-    int signs = 0, zeros = 0;
-    for (int i = 0; i < m; i++) {
-      float t = total[i];
-      int pos = t > 0.0f, neg = t < 0.0f;
-      signs += pos - neg;
-      zeros += !(pos | neg);
-      sfill[i] = neg ? -1.0f : 1.0f;
-      comb[i] = 0.0f;
-      cnt[i] = 0.0f;
-    }
-    sign_total += signs;
-    for (int k = 0; k < K; k++) {  /* |T_k| where it agrees with the sign: threshold(t * s, 0, 0) */
-      const float* r = rows[k] + start; float c = cuts[k];
-      if (mode == 0) {
-        for (int i = 0; i < m; i++) {
-          float g = trimmed(r[i], c) * sfill[i];
-          comb[i] += g > 0.0f ? g : 0.0f;
-        }
-      } else if (mode == 1) {
-        for (int i = 0; i < m; i++) {
-          float g = trimmed(r[i], c) * sfill[i];
-          g = g > 0.0f ? g : 0.0f;
-          comb[i] += g;
-          cnt[i] += g > 0.0f ? 1.0f : 0.0f;
-        }
-      } else {
-        for (int i = 0; i < m; i++) {
-          float g = trimmed(r[i], c) * sfill[i];
-          g = g > 0.0f ? g : 0.0f;
-          comb[i] = comb[i] > g ? comb[i] : g;
-        }
-      }
-    }
-    const float* wb = w + start;
-    float* ob = out + start;
-    if (zeros)
-      for (int i = 0; i < m; i++)
-        if (total[i] == 0.0f && (comb[i] > 0.0f || wb[i] == 0.0f)) suspects[ns++] = start + i;
-    if (mode == 1) {
+/* Per coordinate, as the eager path: T_k = trim(row_k); sum = T_1 + ... + T_K in task order;
+   s = -1 where sum < 0, else +1 (0 sums are reported to the caller); g_k = T_k * s, kept where
+   > 0; sum: the g_k added in task order; mean: that sum / max(1, their number); max: the
+   largest; merged = that * s; out = w + lam * merged. The K trimmed rows of BLOCK coordinates
+   are kept in tr (L1); total and comb keep each coordinate's sum and combined magnitude for
+   the caller's check of zero sums. Every loop runs over i, so each vectorises. */
+static void merge_block(int K, const float* const* rows, const float* cuts, const float* w,
+                        float* out, int64_t start, int m, float lam, int mode,
+                        float* total, float* comb, float* tr) {
+  float sfill[BLOCK], cnt[BLOCK];
+  for (int k = 0; k < K; k++) {
+    const float* r = rows[k] + start; float c = cuts[k]; float* t = tr + (int64_t)k * BLOCK;
+    for (int i = 0; i < m; i++) t[i] = trimmed(r[i], c);
+  }
+  for (int i = 0; i < m; i++) total[i] = tr[i];
+  for (int k = 1; k < K; k++) {
+    const float* t = tr + (int64_t)k * BLOCK;
+    for (int i = 0; i < m; i++) total[i] += t[i];
+  }
+  for (int i = 0; i < m; i++) { sfill[i] = total[i] < 0.0f ? -1.0f : 1.0f; comb[i] = 0.0f; cnt[i] = 0.0f; }
+  for (int k = 0; k < K; k++) {
+    const float* t = tr + (int64_t)k * BLOCK;
+    if (mode == 0) {
+      for (int i = 0; i < m; i++) { float g = t[i] * sfill[i]; comb[i] += g > 0.0f ? g : 0.0f; }
+    } else if (mode == 1) {
       for (int i = 0; i < m; i++) {
-        float q = cnt[i] > 1.0f ? cnt[i] : 1.0f;
-        ob[i] = wb[i] + lam * ((comb[i] / q) * sfill[i]);
+        float g = t[i] * sfill[i]; g = g > 0.0f ? g : 0.0f;
+        comb[i] += g; cnt[i] += g > 0.0f ? 1.0f : 0.0f;
       }
     } else {
-      for (int i = 0; i < m; i++) ob[i] = wb[i] + lam * (comb[i] * sfill[i]);
+      for (int i = 0; i < m; i++) {
+        float g = t[i] * sfill[i]; g = g > 0.0f ? g : 0.0f;
+        comb[i] = comb[i] > g ? comb[i] : g;
+      }
     }
+  }
+  const float* wb = w + start; float* ob = out + start;
+  if (mode == 1) {
+    for (int i = 0; i < m; i++) ob[i] = wb[i] + lam * ((comb[i] / (cnt[i] > 1.0f ? cnt[i] : 1.0f)) * sfill[i]);
+  } else {
+    for (int i = 0; i < m; i++) ob[i] = wb[i] + lam * (comb[i] * sfill[i]);
+  }
+}
+
+/* elect + disjoint merge of n coordinates of K task rows (mode 0 sum, 1 mean, 2 max);
+   tr: room for K * BLOCK floats. Coordinates whose sum is 0 and which have an agreeing entry
+   or a zero w are written to suspects (*nsuspects of them): the caller redoes them with the
+   majority sign. Returns the sum of the elected signs. */
+int64_t mm_ties_merge(int K, const float* const* rows, const float* cuts, const float* w,
+                      float* out, int64_t n, float lam, int mode,
+                      int64_t* suspects, int64_t* nsuspects, float* tr) {
+  int64_t sign_total = 0, ns = 0;
+  float total[BLOCK], comb[BLOCK];
+  for (int64_t start = 0; start < n; start += BLOCK) {
+    int m = (int)((n - start) < BLOCK ? (n - start) : BLOCK);
+    merge_block(K, rows, cuts, w, out, start, m, lam, mode, total, comb, tr);
+    int signs = 0, flagged = 0;
+    uint8_t flag[BLOCK];
+    for (int i = 0; i < m; i++) {  /* vectorised: signs, and the zero sums to report */
+      float t = total[i];
+      signs += (t > 0.0f) - (t < 0.0f);
+      flag[i] = (t == 0.0f) & ((comb[i] > 0.0f) | (w[start + i] == 0.0f));
+      flagged += flag[i];
+    }
+    sign_total += signs;
+    if (flagged)
+      for (int i = 0; i < m; i++)
+        if (flag[i]) suspects[ns++] = start + i;
   }
   *nsuspects = ns;
   return sign_total;
 }
 """
 
-FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+# no fused multiply-add (-ffp-contract=off) and IEEE results; -fno-trapping-math lets the compiler
+# turn the selects into vector blends (it changes no value, only whether FP exceptions may trap)
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math")
 NATIVE = "-march=native"
 MODES = {"sum": 0, "mean": 1, "max": 2}
 
@@ -236,15 +252,42 @@ def why_not() -> str | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mm_ties_sample.restype = i64
+    lib.mm_ties_sample.argtypes = [ctypes.c_int, p, p, i64, p]
     lib.mm_ties_bracket.restype = i64
     lib.mm_ties_bracket.argtypes = [p, i64, ctypes.c_float, ctypes.c_float, p, i64, p]
     lib.mm_ties_merge.restype = i64
-    lib.mm_ties_merge.argtypes = [ctypes.c_int, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, p, p]
+    lib.mm_ties_merge.argtypes = [ctypes.c_int, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, p, p, p]
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """The kernel reads float32, contiguous CPU memory only."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _pointers(tensors) -> "ctypes.Array":
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _largest(values: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th largest of ``values`` (1-based), selected in place (``values`` is scratch)."""
+    a = values.numpy()
+    a.partition(a.size - rank)
+    return float(a[a.size - rank])
+
+
+def bracket(lib: ctypes.CDLL, pieces, k: int, total: int, step: int, sigmas: float) -> tuple[float, float]:
+    """(lo, hi) that most likely bracket the k-th largest |x|, from every ``step``-th entry: the
+    rule of :func:`mmbench.vectors._bracket`, with the sample taken and selected without copies."""
+    sample = torch.empty(sum(-(-p.numel() // step) for p in pieces), dtype=torch.float32)
+    lengths = (ctypes.c_int64 * len(pieces))(*[p.numel() for p in pieces])
+    n = lib.mm_ties_sample(len(pieces), _pointers(pieces), lengths, step, sample.data_ptr())
+    rank = k * n / total  # the k-th largest's expected rank (1-based) within the sample
+    margin = sigmas * math.sqrt(rank * max(1.0 - rank / n, 0.0)) + 2
+    hi_rank, lo_rank = math.floor(rank - margin), math.ceil(rank + margin)  # 1-based, largest first
+    hi = _largest(sample[:n], hi_rank) if hi_rank >= 1 else math.inf
+    lo = _largest(sample[:n], lo_rank) if lo_rank <= n else 0.0
+    return lo, hi
 
 
 def kth_largest_magnitude(lib: ctypes.CDLL, tensors, k: int, *, step: int | None = None,
@@ -253,19 +296,18 @@ def kth_largest_magnitude(lib: ctypes.CDLL, tensors, k: int, *, step: int | None
     :func:`mmbench.vectors.kth_largest_magnitude` (to which it falls back) computes it eagerly.
     ``step``, ``direct_below``: as there (its defaults); ``cap``: room for the entries inside
     the bracket (default 1/16 of them all, plus 65,536)."""
-    from mmbench.vectors import BRACKET_SIGMAS, DIRECT_BELOW, SAMPLE_STEP, _bracket
+    from mmbench.vectors import BRACKET_SIGMAS, DIRECT_BELOW, SAMPLE_STEP
     from mmbench.vectors import kth_largest_magnitude as eager
 
     step = SAMPLE_STEP if step is None else step
     direct_below = DIRECT_BELOW if direct_below is None else direct_below
-
-    pieces = [t.reshape(-1) for t in tensors]
+    pieces = [t.reshape(-1) for t in tensors if t.numel()]
     total = sum(p.numel() for p in pieces)
     if not 1 <= k <= total:
         raise ValueError(f"k must be in [1, {total}], not {k}")
     if total < direct_below:
         return eager(pieces, k)
-    lo, hi = _bracket(pieces, k, total, step, BRACKET_SIGMAS)
+    lo, hi = bracket(lib, pieces, k, total, step, BRACKET_SIGMAS)
     if cap is None:  # the bracket holds about 0.5 % at ViT-B-32 scale; pages are touched as filled
         cap = total // 16 + (1 << 16)
     buffer = torch.empty(cap, dtype=torch.float32)
@@ -277,8 +319,10 @@ def kth_largest_magnitude(lib: ctypes.CDLL, tensors, k: int, *, step: int | None
     within = k - above  # the k-th largest is the within-th largest inside the bracket
     if count > cap or not 1 <= within <= count:
         return eager(pieces, k)
-    values = buffer[:count]
-    return float(values.kthvalue(count - within + 1).values)
+    return _largest(buffer[:count], within)
+
+
+BLOCK = 64  # the kernel's block of coordinates (its BLOCK): K·BLOCK floats of scratch
 
 
 def merge_tensor(lib: ctypes.CDLL, weight: torch.Tensor, rows, cuts, lam: float, merge: str
@@ -289,12 +333,12 @@ def merge_tensor(lib: ctypes.CDLL, weight: torch.Tensor, rows, cuts, lam: float,
     n = w.numel()
     out = torch.empty(n, dtype=torch.float32)
     flat = [r.reshape(-1) for r in rows]
-    pointers = (ctypes.c_void_p * len(flat))(*[r.data_ptr() for r in flat])
     cut_array = (ctypes.c_float * len(cuts))(*cuts)
     suspects = torch.empty(n, dtype=torch.int64)  # pages touched only where written
     found = torch.zeros(1, dtype=torch.int64)
-    sign_total = lib.mm_ties_merge(len(flat), pointers, cut_array, w.data_ptr(), out.data_ptr(), n,
-                                   lam, MODES[merge], suspects.data_ptr(), found.data_ptr())
+    scratch = torch.empty(len(flat) * BLOCK, dtype=torch.float32)
+    sign_total = lib.mm_ties_merge(len(flat), _pointers(flat), cut_array, w.data_ptr(), out.data_ptr(), n,
+                                   lam, MODES[merge], suspects.data_ptr(), found.data_ptr(), scratch.data_ptr())
     count = int(found)
     pending = [suspects[:count].clone()] if count else []
     return out, float(sign_total), pending
