@@ -53,8 +53,8 @@ FIXES = {
             "sign, agreeing sum per entry) runs at about 2.5× its memory floor on one core even in cache, "
             "and each threshold spends 9 ms of its 31 ms on the bracket's strided sample and two "
             "selections. Next, each a change to `plugins/mergers/ties_kernel.py` (fingerprinted: the TIES "
-            "cells recompute, about 1.5 h of two cores for three seeds): a merge specialised per number "
-            "of tasks that keeps a coordinate's K entries in registers (10–15 % faster at K = 8 in a "
+            "cells recompute, about an hour of two cores for three seeds): a merge specialised per number "
+            "of tasks that keeps a coordinate's K entries in registers (about 30 % faster at K = 8 in a "
             "standalone test), a sample of whole cache lines for the bracket, smaller scratch buffers.",
     "ibvs": "`subtract_backdoor_vector` subtracts in place into the merged weights (`sub_(bv, alpha=λ)`); "
             "a tensor that shares memory with θ_pre, a task vector or the BV is subtracted out of place "
@@ -153,7 +153,9 @@ def test_merge_time(benchmark, perf, full, op):
         for _ in range(math.ceil(reps)):
             dst.copy_(src)
     with threads(1):
-        subject, ref = paired(benchmark, fn, reference, rounds=3)  # every op warmed up once (TIES was not while it took 5 s): like the others, its timed rounds then reuse the output memory of the warm-up instead of faulting fresh pages
+        # every op warmed up once (TIES was not while it took 5 s): its timed rounds then reuse the
+        # warm-up's output memory, as the other merges' do, instead of faulting in fresh pages
+        subject, ref = paired(benchmark, fn, reference, rounds=3)
     bound = ref * reps / math.ceil(reps)
     bandwidth = moved / bound
     fix = FIXES[op]
