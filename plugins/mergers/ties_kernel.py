@@ -20,15 +20,16 @@ Results are bit-identical to the eager path for finite inputs: the same float32 
 the same order (each coordinate's K-term sum is added task by task; λ is rounded to float32
 as PyTorch rounds a Python scalar; compiled with ``-ffp-contract=off`` so no multiply-add is
 fused). tests/test_ties.py compares the two paths bit for bit (1, 5 and 17 tasks, the three
-merges, exact cancellations, either majority sign, zero θ_pre entries). Coordinates whose elected sign is 0 are reported, as in the eager path, for the
-majority sign to redo. NaN entries are not handled alike (the eager trim keeps a NaN, this one
+merges, exact cancellations, either majority sign, zero θ_pre entries). Coordinates whose
+elected sign is 0 are reported, as in the eager path, for the majority sign to redo. NaN entries are not handled alike (the eager trim keeps a NaN, this one
 drops it); a task vector holding NaN is broken upstream either way.
 
 The source below is compiled with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``) and ``-O3 -march=native`` (without it where the compiler refuses it) into a per-user cache (``$MMBENCH_KERNEL_CACHE``, else
-``$XDG_CACHE_HOME/mmbench/kernels`` or ``~/.cache/mmbench/kernels``), named by a hash of the
-source, the flags and this CPU's model and feature flags, so a cache shared between machines
-never loads code built for another CPU. Compiling takes about a second, once. Where no
+``clang``) and ``-O3 -march=native`` (without it where the compiler refuses it) into a
+per-user cache (``$MMBENCH_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/mmbench/kernels`` or
+``~/.cache/mmbench/kernels``), named by a hash of the source, the flags and this CPU's model
+and feature flags, so a cache shared between machines never loads code built for another
+CPU. Compiling takes about a second, once per machine. Where no
 compiler is found, or compiling fails, or ``MMBENCH_TIES_KERNEL=0``, :func:`load` returns
 None and TIES runs its eager path (same results, slower).
 """
