@@ -84,6 +84,16 @@ def clean_ta(registry, preset, store, device, seed: int,
             "per_task": per_task, "cosine": cos, "norms": norms}
 
 
+def _ta_figures(shared, pre: dict, vectors: dict, lam: float, use: list[str], attack) -> dict[str, float]:
+    """ASR of ``attack`` (its trigger on its target task) and mean test ACC over ``use`` of the
+    task-arithmetic merge θ_pre + λ·Σ_{t ∈ use} vectors[t] (tensors without a vector kept)."""
+    weights = {k: pre[k] + lam * sum(vectors[t][k] for t in use) if k in vectors[use[0]] else pre[k] for k in pre}
+    hit, total = shared.asr_counts(weights, attack.target_task or attack.task, attack.trigger,
+                                   attack.target_class, "test")
+    accs = [shared.accuracy(weights, t, "test") for t in use]
+    return {"asr": hit / total, "acc": sum(accs) / len(accs)}
+
+
 def task_order(registry, preset, store, device, seed: int, attack: str = "badnets",
                echo: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Which clean task moves the attack's ASR under task arithmetic (``--part task-order``).
@@ -123,12 +133,7 @@ def task_order(registry, preset, store, device, seed: int, attack: str = "badnet
     others = [t for t in tasks if t != result.task]
 
     def figures(use: list[str]) -> dict[str, Any]:
-        weights = {k: pre[k] + lam * sum(vectors[t][k] for t in use) if k in vectors[use[0]] else pre[k]
-                   for k in pre}
-        target_task = result.target_task or result.task
-        hit, total = w.shared.asr_counts(weights, target_task, result.trigger, result.target_class, "test")
-        accs = [w.shared.accuracy(weights, t, "test") for t in use]
-        return {"tasks": use, "asr": hit / total, "acc": sum(accs) / len(accs)}
+        return {"tasks": use, **_ta_figures(w.shared, pre, vectors, lam, use, result)}
 
     with torch.no_grad():
         echo("  the attacker alone and every task")
@@ -312,28 +317,22 @@ def measure(registry, preset, store, device, seed: int,
     # dilution: λ and the number of tasks, task arithmetic with the attacker's vector
     vectors = dict(clean)
     vectors[attacker.task] = attacker.task_vector
-    trigger, target_task, target = attacker.trigger, attacker.target_task, attacker.target_class
 
-    def merged(lam: float, use: list[str]) -> dict:
-        return {k: pre[k] + lam * sum(vectors[t][k] for t in use) for k in pre}
-
-    def figures(weights: dict, use: list[str]) -> dict[str, float]:
-        asr = base.shared.asr_counts(weights, target_task, trigger, target, "test")
-        accs = {t: base.shared.accuracy(weights, t, "test") for t in use}
-        return {"asr": asr[0] / asr[1], "acc": sum(accs.values()) / len(accs)}
+    def figures(lam: float, use: list[str]) -> dict[str, float]:
+        return _ta_figures(base.shared, pre, vectors, lam, use, attacker)
 
     with torch.no_grad():
         by_lambda = []
         for lam in LAMBDAS:
             echo(f"  TA λ {lam}")
-            by_lambda.append({"lambda": lam, **figures(merged(lam, list(tasks)), list(tasks))})
+            by_lambda.append({"lambda": lam, **figures(lam, list(tasks))})
         ta_lambda = float(base.graph.params[("merger", "ta")]["lambda"])
         others = [t for t in tasks if t != attacker.task]
         by_tasks = []
         for k in range(1, len(tasks) + 1):
             use = [attacker.task, *others[:k - 1]]
             echo(f"  {k} task(s)")
-            by_tasks.append({"tasks": k, "lambda": ta_lambda, **figures(merged(ta_lambda, use), use)})
+            by_tasks.append({"tasks": k, "lambda": ta_lambda, **figures(ta_lambda, use)})
     return {"preset": preset.name, "seed": seed, "backdoor_vectors": described, "names": names,
             "cosine": matrix, "norms": norms, "cosine_with_clean_task_vector": clean_cos,
             "asr_by_lambda": by_lambda, "asr_by_tasks": by_tasks}
