@@ -328,7 +328,7 @@ def _kernel_case(seed, majority, tasks=5):
 @needs_kernel
 @pytest.mark.parametrize("merge", ties.MERGES)
 @pytest.mark.parametrize("majority", (1.0, -1.0))
-@pytest.mark.parametrize("tasks", (1, 5, 17))  # 17: the kernel's path for more than 16 tasks
+@pytest.mark.parametrize("tasks", (1, 2, 5, 8, 12, 13, 17))  # 2-12: the blocks specialised to K; 1, 13, 17: the general block
 def test_kernel_merge_is_bit_identical_to_the_eager_merge(merge, majority, tasks):
     pretrained, task_vectors = _kernel_case(5, majority, tasks)
     before = {k: {n: v.clone() for n, v in tv.items()} for k, tv in task_vectors.items()}

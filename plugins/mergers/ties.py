@@ -52,11 +52,10 @@ Both passes run in a small C kernel compiled on first use
 where it cannot be compiled (no C compiler) or a tensor is not float32, the
 same passes run as eager PyTorch ops over chunks of ``chunk_size``
 coordinates, with the same results (tests/test_ties.py compares the two).
-8 × ViT-B-32 image encoders on one CPU core (2-core AMD EPYC): 0.63–0.79 s
-with the kernel (sum, mean, max), 4.5–5.0 s eager; docs/performance.md has
-the benchmark's figure against the copy bound. (The ``estimate`` note's
-"1.0 s" is the kernel's first version.) A few worker threads share the tasks
-and tensors.
+8 × ViT-B-32 image encoders on one CPU core (2-core AMD EPYC): 0.55–0.7 s
+with the kernel, 4.5–5.0 s eager; docs/performance.md has the benchmark's
+figure against the copy bound. A few worker threads share the tasks and
+tensors.
 """
 from __future__ import annotations
 
@@ -228,8 +227,8 @@ class Ties(Merger):
     }
 
     def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
-        return Cost(seconds=2.0, note="trim, elect, merge: 8 × ViT-B-32 on one CPU core took 1.0 s with the "
-                                      "compiled kernel, 4.5 s eager (benchmarks/bench_merge.py, 2-core AMD EPYC)")
+        return Cost(seconds=2.0, note="trim, elect, merge: 8 × ViT-B-32 on one CPU core took 0.55-0.7 s with "
+                                      "the compiled kernel, 4.5 s eager (benchmarks/bench_merge.py, 2-core AMD EPYC)")
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
               ctx: Any, params: dict[str, Any]) -> Merged:
