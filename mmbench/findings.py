@@ -134,9 +134,10 @@ def _finite(value: Any) -> bool:
 def by_seed(df: pd.DataFrame, column: str, **where: str) -> Values:
     """{seed: value of ``column``} of the cell picked by ``where`` (first in sorted order)."""
     out: Values = {}
-    for _, r in _where(df, **where).iterrows():
-        if int(r.seed) not in out and _finite(r[column]):
-            out[int(r.seed)] = float(r[column])
+    picked = _where(df, **where)
+    for seed, value in zip(picked["seed"].tolist(), picked[column].tolist()):
+        if int(seed) not in out and _finite(value):
+            out[int(seed)] = float(value)
     return out
 
 

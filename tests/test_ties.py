@@ -1,5 +1,6 @@
 """TIES-Merging on hand-checkable tensors (plugins/mergers/ties.py)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -257,7 +258,6 @@ def test_kth_largest_magnitude_falls_back_when_the_bracket_misses(monkeypatch):
 from mmbench_plugins.mergers import ties_kernel  # noqa: E402
 
 def _compiler_found() -> bool:
-    import shutil
     return any(c and shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang"))
 
 
@@ -378,3 +378,62 @@ def test_kernel_is_used_for_float32_only():
     assert all(m.dtype == torch.float16 for m in merged.values())
     with pytest.raises(RuntimeError, match="float32"):
         ties.ties_merge(half, task_vectors, kernel=True)
+
+
+@needs_kernel
+def test_kernel_radix_selection_by_hand():
+    lib = ties_kernel.load()
+    values = t(3.0, 1.0, 2.0, 2.0, 0.0, 5.0)
+    assert ties_kernel._largest(lib, values, [1, 2, 3, 4, 5, 6]) == [5.0, 3.0, 2.0, 2.0, 1.0, 0.0]
+    # neighbours that differ in the last bits only: the second and third passes decide
+    a = 1.0
+    b, c = float(torch.nextafter(t(a), t(2.0))), float(torch.nextafter(torch.nextafter(t(a), t(2.0)), t(2.0)))
+    close = t(b, a, c, b, 1e-42, 0.5)  # 1e-42: a denormal, below every normal
+    assert ties_kernel._largest(lib, close, [1, 2, 3, 4, 5, 6]) == [c, b, b, a, 0.5, float(t(1e-42))]
+    g = torch.Generator().manual_seed(7)
+    many = torch.randn(5000, generator=g).abs().round(decimals=2)  # many ties
+    ordered = many.sort(descending=True).values
+    ranks = [1, 2, 17, 2500, 4999, 5000]
+    assert ties_kernel._largest(lib, many, ranks) == [float(ordered[r - 1]) for r in ranks]
+
+
+def _bracket_by_hand(x, lo, hi):
+    a = x.abs()
+    return int((a > hi).sum()), a[(a >= lo) & (a <= hi)].tolist()
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", (5, 64, 1000, 4096 + 37))  # the 64-wide steps and the tail
+def test_kernel_bracket_pass_counts_above_and_copies_inside_in_order(n):
+    lib = ties_kernel.load()
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    lo, hi = 0.5, 1.5
+    above, inside = _bracket_by_hand(x, lo, hi)
+    for cap in (n, 3):  # room for all, and a buffer that fills: every entry still counted
+        buf = torch.full((cap,), -1.0)
+        count = torch.zeros(1, dtype=torch.int64)
+        assert lib.mm_ties_bracket(x.data_ptr(), n, lo, hi, buf.data_ptr(), cap, count.data_ptr()) == above
+        assert int(count) == len(inside)
+        assert buf[:min(cap, len(inside))].tolist() == inside[:cap]
+
+
+@needs_kernel
+def test_portable_kernel_build_gives_the_same_results(tmp_path):
+    """The C paths used where the CPU has no AVX-512 (built without -march=native)."""
+    import ctypes
+    compiler = next(c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
+    target = tmp_path / "portable.so"
+    ties_kernel._compile(compiler, target, native=False)
+    portable = ctypes.CDLL(str(target))
+    ties_kernel._declare(portable)
+    tensors = _float32_tensors(5)
+    n = sum(t.numel() for t in tensors)
+    for k in (1, 17, n // 5, n):
+        got = ties_kernel.kth_largest_magnitude(portable, tensors, k, step=3, direct_below=0)
+        assert got == _reference_kth(tensors, k), k
+    x = torch.randn(4096 + 37, generator=torch.Generator().manual_seed(1))
+    above, inside = _bracket_by_hand(x, 0.5, 1.5)
+    buf, count = torch.empty(x.numel()), torch.zeros(1, dtype=torch.int64)
+    assert portable.mm_ties_bracket(x.data_ptr(), x.numel(), 0.5, 1.5, buf.data_ptr(), x.numel(),
+                                    count.data_ptr()) == above
+    assert buf[:int(count)].tolist() == inside

@@ -52,7 +52,7 @@ Both passes run in a small C kernel compiled on first use
 where it cannot be compiled (no C compiler) or a tensor is not float32, the
 same passes run as eager PyTorch ops over chunks of ``chunk_size``
 coordinates, with the same results (tests/test_ties.py compares the two).
-8 × ViT-B-32 image encoders on one CPU core (2-core AMD EPYC): 0.55–0.7 s
+8 × ViT-B-32 image encoders on one CPU core (2-core AMD EPYC): 0.49–0.52 s
 with the kernel, 4.5–5.0 s eager; docs/performance.md has the benchmark's
 figure against the copy bound. A few worker threads share the tasks and
 tensors.
@@ -227,7 +227,7 @@ class Ties(Merger):
     }
 
     def estimate(self, params: dict[str, Any], sizes: Sizes) -> Cost:
-        return Cost(seconds=2.0, note="trim, elect, merge: 8 × ViT-B-32 on one CPU core took 0.55-0.7 s with "
+        return Cost(seconds=2.0, note="trim, elect, merge: 8 × ViT-B-32 on one CPU core took 0.49-0.52 s with "
                                       "the compiled kernel, 4.5 s eager (benchmarks/bench_merge.py, 2-core AMD EPYC)")
 
     def merge(self, pretrained: StateDict, task_vectors: dict[str, StateDict],
