@@ -47,7 +47,7 @@ FIXES = {
           "cache while the K task rows stream through once (in `mmbench/vectors.py`, fingerprinted).",
     "ties": "`ties_merge` runs its two passes (each task's trim threshold; elect + disjoint merge) in "
             "the compiled C kernel of `plugins/mergers/ties_kernel.py`, each reading every entry once "
-            "(eagerly, where no C compiler is found: about 6× slower); the merge keeps a coordinate's K "
+            "(eagerly, where no C compiler is found: about 9× slower); the merge keeps a coordinate's K "
             "trimmed entries in registers (one block per K = 2..12), the threshold pass counts and packs "
             "64 entries a step with AVX-512 where the CPU has it, and both selections are radix "
             "selections in C. Two passes over K task vectors move 2K + 2 rows where the bound counts "
