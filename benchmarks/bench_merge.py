@@ -59,8 +59,8 @@ FIXES = {
             "rejected: one pass that merges with the brackets' cuts and fixes the ~4 % of coordinates "
             "inside a bracket afterwards (bit-identical, 1.2–1.5 s: the scattered fix-up is "
             "latency-bound), huge pages for the output (0.02–0.38 s, erratic, TIES slower) and malloc "
-            "thresholds (process-wide, TA slower); a pre-populated mapping fills 351 MB in 0.10 s "
-            "instead of 0.13 (standalone), not adopted: the output would need an allocator of its own.",
+            "thresholds (process-wide, TA slower); populating each output tensor's pages ahead "
+            "(MADV_POPULATE_WRITE) left TIES's faults and time as they were (0.49–0.55 s either way).",
     "ibvs": "`subtract_backdoor_vector` subtracts in place into the merged weights (`sub_(bv, alpha=λ)`); "
             "a tensor that shares memory with θ_pre, a task vector or the BV is subtracted out of place "
             "(in `plugins/defenses/ibvs.py`).",

@@ -257,8 +257,13 @@ def test_kth_largest_magnitude_falls_back_when_the_bracket_misses(monkeypatch):
 
 from mmbench_plugins.mergers import ties_kernel  # noqa: E402
 
+def _compiler() -> str | None:
+    """The C compiler the kernel would use ($CC, cc, gcc, clang: the first found), or None."""
+    return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
 def _compiler_found() -> bool:
-    return any(c and shutil.which(c) for c in (os.environ.get("CC"), "cc", "gcc", "clang"))
+    return _compiler() is not None
 
 
 # skipped only where no C compiler is found (or the user turned the kernel off): a kernel that fails
@@ -421,9 +426,8 @@ def test_kernel_bracket_pass_counts_above_and_copies_inside_in_order(n):
 def test_portable_kernel_build_gives_the_same_results(tmp_path):
     """The C paths used where the CPU has no AVX-512 (built without -march=native)."""
     import ctypes
-    compiler = next(c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c))
     target = tmp_path / "portable.so"
-    ties_kernel._compile(compiler, target, native=False)
+    ties_kernel._compile(_compiler(), target, native=False)
     portable = ctypes.CDLL(str(target))
     ties_kernel._declare(portable)
     tensors = _float32_tensors(5)
