@@ -440,6 +440,7 @@ def cmd_leaderboard(args) -> int:
 
     registry = load()
     store = Store(args.store)
+    store.read_results_once()  # read per preset four times below
     presets = _presets_to_show(args, store)
     overrides = parse_overrides(args.set or [], registry)
     expected, results = _stored_results(registry, store, presets, overrides)
@@ -460,10 +461,11 @@ def cmd_leaderboard(args) -> int:
                      f"Plugin parameters set by the preset: {overrides}."
                      + (f" Opt-in plugins (their stored cells are shown, none is required): {', '.join(p.opt_in)}."
                         if p.opt_in else ""))
-    sections = {}
+    sections, claims = {}, {}
     for name in presets:
         cells = findings.frame((r for r in results if r.get("preset") == name), sweep_points.get(name, []))
-        sections[name] = findings.markdown(name, cells, findings.evaluate(cells))
+        claims[name] = findings.evaluate(cells)  # once: README.md and the page show the same lines
+        sections[name] = findings.markdown(name, cells, claims[name])
         mine = [r for r in results if r.get("preset") == name]
         for extra in (sweeps.markdown(name, sweep_points.get(name, [])),
                       detection_report.markdown(name, detection.get(name, []), mine)):
@@ -485,7 +487,7 @@ def cmd_leaderboard(args) -> int:
         problems += [line for es in detection.values() for line in detection_report.problems(es)]
         problems += leaderboard.differences(files, Path(args.out))
         page = site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"), detection,
-                              sweep_points)
+                              sweep_points, claims)
         problems += leaderboard.differences(page, Path(args.out)) + site.extra_plots(page, Path(args.out))
         problems += submissions.problems(store.root, presets)
         problems += disagreements
@@ -504,7 +506,7 @@ def cmd_leaderboard(args) -> int:
     if "detection.csv" in files:
         paths += site.write({"detection.csv": files["detection.csv"]}, Path(args.out))
     paths += site.write(site.files_for(df, results, "\n\n".join(notes), Path(args.out), registry.names("preset"),
-                                       detection, sweep_points), Path(args.out))
+                                       detection, sweep_points, claims), Path(args.out))
     print(f"wrote {', '.join(map(str, paths))} ({len(df)} cells: " +
           ", ".join(f"{n} {s}" for s, n in df.status.value_counts().items()) + ")")
     return 0

@@ -242,8 +242,10 @@ VERDICT_CLASS = {"reproduced": "v-yes", "not reproduced": "v-no", "inconclusive"
                  "not measured": "v-none"}
 
 
-def findings_section(cells: pd.DataFrame, tid: str) -> str:
-    lines = findings_mod.evaluate(cells)
+def findings_section(cells: pd.DataFrame, tid: str, lines: list | None = None) -> str:
+    """The claims' table; ``lines``: :func:`mmbench.findings.evaluate` of ``cells`` when the caller
+    has it already (``mmbench leaderboard`` evaluates once for README.md and the page)."""
+    lines = findings_mod.evaluate(cells) if lines is None else lines
     rows = []
     for entry in findings_mod.rows(lines):
         cls = VERDICT_CLASS.get(entry["verdict"], "")
@@ -729,11 +731,14 @@ def _reported_section(figures: list[reported.Figure], df: pd.DataFrame) -> str:
 def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
            reported_figures: Iterable[reported.Figure] = (),
            detection: dict[str, list[dict[str, Any]]] | None = None,
-           sweep_points: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, bytes]:
+           sweep_points: dict[str, list[dict[str, Any]]] | None = None,
+           findings_lines: dict[str, list] | None = None) -> dict[str, bytes]:
     """``index.html`` and ``plots/*.svg`` by path relative to the leaderboard folder. ``df`` is
     :func:`mmbench.leaderboard.table` of ``results`` (stale ones carrying status ``stale``);
     ``detection`` maps a preset to its detection-track entries (:mod:`mmbench.detection_report`),
-    ``sweep_points`` to its parameter sweeps (:mod:`mmbench.sweeps`)."""
+    ``sweep_points`` to its parameter sweeps (:mod:`mmbench.sweeps`; the claims measured along a
+    sweep read them), ``findings_lines`` to :func:`mmbench.findings.evaluate` of its cells where
+    the caller has evaluated them already (evaluated here otherwise)."""
     from . import detection_report
     from . import sweeps as sweep_mod
 
@@ -745,7 +750,7 @@ def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
     for preset in presets:
         part = df[df.preset == preset].reset_index(drop=True)
         mine = [r for r in results if r.get("preset") == preset]
-        cells = findings_mod.frame(mine)
+        cells = findings_mod.frame(mine, (sweep_points or {}).get(preset, []))
         ok = part[part.status == "ok"]
         seeds = sorted(int(s) for s in ok.seed.unique())
         pid = re.sub(r"[^A-Za-z0-9_-]", "-", preset)
@@ -770,7 +775,7 @@ def render(df: pd.DataFrame, results: list[dict[str, Any]], notes: str = "",
         body.append(f'<h3 id="{pid}-rankings">Rankings ({len(seeds)} seed{"s" * (len(seeds) != 1)})</h3>')
         body.append(rankings(part, pid) or '<p class="muted">No ok cell to rank.</p>')
         body.append(f'<h3 id="{pid}-findings">Findings: the papers\' claims</h3>')
-        body.append(findings_section(cells, f"{pid}-findings-table"))
+        body.append(findings_section(cells, f"{pid}-findings-table", (findings_lines or {}).get(preset)))
         body.append(f'<h3 id="{pid}-detection">Detection track: flagging the malicious contributor before merging</h3>')
         body.append(detection_report.html_section(preset, (detection or {}).get(preset, []), mine, pid))
         body.append(f'<h3 id="{pid}-plots">Plots</h3>')
@@ -875,7 +880,8 @@ def _stuck_layers(coeffs: dict[str, Any]) -> str:
 def files_for(df: pd.DataFrame, results: list[dict[str, Any]], notes: str, out_dir: Path,
               presets: Iterable[str] | None = None,
               detection: dict[str, list[dict[str, Any]]] | None = None,
-              sweep_points: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, bytes]:
+              sweep_points: dict[str, list[dict[str, Any]]] | None = None,
+              findings_lines: dict[str, list] | None = None) -> dict[str, bytes]:
     """The page and its plots for ``mmbench leaderboard``, with the reported figures of
     ``<out_dir>/reported.json`` (validated: a bad entry is a one-line usage error, exit status 2)."""
     from .plugins import UsageError
@@ -884,7 +890,7 @@ def files_for(df: pd.DataFrame, results: list[dict[str, Any]], notes: str, out_d
         figures = reported.load(Path(out_dir) / reported.FILENAME, presets)
     except reported.ReportedError as exc:
         raise UsageError(str(exc)) from None
-    return render(df, results, notes, figures, detection, sweep_points)
+    return render(df, results, notes, figures, detection, sweep_points, findings_lines)
 
 
 def write(files: dict[str, bytes], out_dir: Path) -> list[Path]:

@@ -39,9 +39,6 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from .api import StateDict
 from .faults import point
 from .keys import canonical_json, json_default as _json_default, stage_key  # noqa: F401  (re-exported)
@@ -218,6 +215,14 @@ class Store:
         self.notes: list[str] = []  # other things worth one warning (a filesystem without locks)
         self._corrupt_keys: set[str] = set()
         self._unreadable_paths: set[str] = set()
+        self._read_once = False  # see read_results_once
+        self._results_read: list[tuple[str, dict[str, Any]]] | None = None
+
+    def read_results_once(self) -> None:
+        """From now on :meth:`results` reads the result files once and answers every later call
+        from what it read (for a command that only reads them, as ``mmbench leaderboard``, which
+        asks for them per preset several times). The entries are shared: callers must not modify them."""
+        self._read_once = True
 
     # the whole store ------------------------------------------------------------
     def check_writable(self) -> None:
@@ -272,6 +277,9 @@ class Store:
         """Write tensors then the sidecar (which makes the artifact visible), both atomically.
 
         A filesystem error is a :class:`StoreError` naming the file."""
+        import torch  # here, not at module level: reading results (mmbench leaderboard) needs no torch
+        from safetensors.torch import save_file
+
         tensor_path, meta_path = self._paths(key)
         json.dumps(info, default=_json_default)  # an info that cannot be stored fails before any write
         try:
@@ -446,6 +454,8 @@ class Store:
         The sha256 is checked on the very file that is then loaded (held open throughout), so
         a concurrent rewrite of the same key is never half-read: a changed sidecar or tensor
         file during the read is retried, a real mismatch is recorded once in :attr:`corrupt`."""
+        from safetensors.torch import load_file
+
         tensor_path, meta_path = self._paths(key)
         for attempt in range(3):
             if not (tensor_path.exists() and meta_path.exists()):
@@ -512,13 +522,19 @@ class Store:
     def results(self, preset: str | None = None) -> list[dict[str, Any]]:
         """Every stored result (of ``preset``), a file that cannot be read as an ``unreadable`` entry."""
         base = self.root / "results"
-        pattern = f"{glob_escape(preset)}/*.json" if preset else "*/*.json"
+        if self._read_once:
+            if self._results_read is None:
+                self._results_read = [(path.parent.name, entry) for path, entry in self._read_results(base, "*/*.json")]
+            return [entry for folder, entry in self._results_read if preset is None or folder == preset]
+        return [entry for _, entry in self._read_results(base, f"{glob_escape(preset)}/*.json" if preset else "*/*.json")]
+
+    def _read_results(self, base: Path, pattern: str) -> list[tuple[Path, dict[str, Any]]]:
         out = []
         for path in sorted(base.glob(pattern)):
             if path.name.startswith("."):
                 continue
             with contextlib.suppress(FileNotFoundError):  # removed since listed
-                out.append(self._read_result(path))
+                out.append((path, self._read_result(path)))
         return out
 
     def _read_result(self, path: Path) -> dict[str, Any]:

@@ -209,6 +209,20 @@ def test_findings_and_provenance_on_the_page():
     assert "1.0 min of cell time" in text                              # 2 cells × 30 s
 
 
+def test_claims_measured_along_a_sweep_reach_the_page():
+    # the page evaluated its claims without the sweep points once, and showed "not measured"
+    # where README.md had a verdict: BadMerging's ASR over the task-count sweep
+    results = [result("badmerging", "none", s, 0.6, 0.97, preset="p") for s in (0, 1, 2)]
+    points = [{"param": "merge.tasks", "attack": "badmerging", "merger": "ta", "defense": "none", "value": float(k),
+               "seeds": {s: {"asr": a, "acc": 0.5, "normalized_acc": 0.7} for s, a in enumerate(asrs)}}
+              for k, asrs in ((2, [0.97, 0.96, 0.98]), (3, [0.95, 0.97, 0.96]))]
+    files = site.render(leaderboard.table(results), results, sweep_points={"p": points})
+    claims = {r[0]: r[1:4] for r in Tables(files["index.html"].decode()).tables["p-findings-table"]}
+    # per seed the smaller of K = 2, 3: 0.95, 0.96, 0.96 → mean 0.957, t-interval [0.942, 0.971] > 0.92
+    assert claims["badmerging_over_tasks / ta, K 2–3"] == ["reproduced", "0.957", "[0.942, 0.971]"]
+    assert "badmerging_over_tasks" not in claims                       # no "not measured" line beside it
+
+
 def figure_entry(**change):
     entry = {"preset": "p", "attack": "badnets", "merger": "ta", "defense": "none", "metric": "asr",
              "value": 0.95, "source": {"paper": "BadMerging (Zhang et al. 2024)", "table": "Table 9",

@@ -95,3 +95,20 @@ def test_info_that_is_not_json_fails_before_any_write(tmp_path):
     with pytest.raises(TypeError, match="not JSON-able"):
         store.save("aa" * 32, "merge", {"w": torch.zeros(2)}, {"bad": object()})
     assert not list(tmp_path.rglob("*.safetensors")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_results_read_once_answer_as_reading_each_time(tmp_path):
+    # mmbench leaderboard asks for every preset's results four times; read once, the answers match
+    store = Store(tmp_path)
+    for preset, cells in (("a", ["x__ta__none__seed1", "x__ta__none__seed0"]), ("b", ["y__ta__none__seed0"])):
+        for cell in cells:
+            store.save_result(preset, cell, {"cell": cell, "preset": preset, "status": "ok"})
+    (tmp_path / "results" / "b" / "broken.json").write_text("{not json")
+    fresh = {p: Store(tmp_path).results(p) for p in (None, "a", "b", "c")}
+    assert [r["cell"] for r in fresh["a"]] == ["x__ta__none__seed0", "x__ta__none__seed1"]
+    assert fresh["b"][0]["status"] == "unreadable" and fresh["c"] == []
+    store.read_results_once()
+    assert {p: store.results(p) for p in (None, "a", "b", "c")} == fresh
+    store.save_result("a", "z__ta__none__seed0", {"cell": "z__ta__none__seed0", "preset": "a", "status": "ok"})
+    assert len(store.results("a")) == 2                                 # read once: later files are not seen
+    assert len(Store(tmp_path).results("a")) == 3 and len(store.unreadable) == 1
