@@ -8,6 +8,7 @@ so it holds on a noisy machine; ``conftest.py`` collects them into docs/performa
 from __future__ import annotations
 
 import gc
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -132,12 +133,19 @@ def reset_peak() -> bool:
         return False
 
 
-def cold_log_seconds(path: str) -> float | None:
-    """The seconds of a finished ``mmbench run`` log (its last line ``done in X s: ...``)."""
+def cold_log(path: str) -> dict | None:
+    """What a finished ``mmbench run`` log says: ``seconds`` (its last line ``done in X s: ...``),
+    ``cells`` and ``stages`` (its first line ``... N cells ..., M stages ...``) and ``seeds`` (the
+    seeds its stages name, ``... seed S]``); None when the log is missing or unfinished."""
     try:
-        lines = Path(path).read_text().strip().splitlines()
+        text = Path(path).read_text().strip()
     except OSError:
         return None
+    lines = text.splitlines()
     if not lines or not lines[-1].startswith("done in "):
         return None
-    return float(lines[-1].split()[2])
+    cells = re.search(r"(\d+) cells", lines[0])
+    stages = re.search(r"(\d+) stages", lines[0])
+    return {"seconds": float(lines[-1].split()[2]), "cells": int(cells.group(1)) if cells else None,
+            "stages": int(stages.group(1)) if stages else None,
+            "seeds": sorted({int(s) for s in re.findall(r"seed (\d+)[\],)]", text)})}

@@ -667,20 +667,25 @@ def cmd_findings(args) -> int:
     return 0
 
 
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    """The options that select cells, the same for ``run`` and ``plan``."""
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
+    parser.add_argument("--merger", action="append", help="merger name (repeatable)")
+    parser.add_argument("--defense", action="append", help="defense name (repeatable)")
+    parser.add_argument("--detector", action="append",
+                        help="detector of the detection track (repeatable; 'none': no detection; default: every "
+                             "installed detector, or none when --attack, --merger or --defense selects a slice)")
+    parser.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmbench", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mmbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run cells of the attack × merger × defense cross product")
-    run.add_argument("--preset", default="tiny")
-    run.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
-    run.add_argument("--merger", action="append", help="merger name (repeatable)")
-    run.add_argument("--defense", action="append", help="defense name (repeatable)")
-    run.add_argument("--detector", action="append",
-                     help="detector of the detection track (repeatable; 'none': no detection; default: every "
-                          "installed detector, or none when --attack, --merger or --defense selects a slice)")
-    run.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+    _add_selection(run)
     run.add_argument("--rerun", default="missing", choices=["missing", "always", "cells", "never"],
                      help="missing: compute what the store lacks (default); always: recompute the selected "
                           "cells and their attack and merge stages, reusing shared stages; cells: recompute "
@@ -710,14 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="show the stage graph, what is cached and a GPU-time estimate "
                                        "(computes and downloads nothing)")
-    plan.add_argument("--preset", default="tiny")
-    plan.add_argument("--attack", action="append", help="attack name (repeatable; 'none' = no attack)")
-    plan.add_argument("--merger", action="append", help="merger name (repeatable)")
-    plan.add_argument("--defense", action="append", help="defense name (repeatable)")
-    plan.add_argument("--detector", action="append",
-                     help="detector of the detection track (repeatable; 'none': no detection; default: every "
-                          "installed detector, or none when --attack, --merger or --defense selects a slice)")
-    plan.add_argument("--seed", action="append", type=int, help="seed (repeatable; default: the preset's)")
+    _add_selection(plan)
     plan.add_argument("--set", action="append", metavar="PLUGIN.PARAM=VALUE", help="as for run")
     plan.add_argument("--sweep", action="append", metavar="PLUGIN.PARAM=V1,V2,...",
                       help="as for run: every value's stages, those the values share listed once")

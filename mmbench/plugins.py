@@ -6,7 +6,6 @@ points of the ``mmbench`` distribution like any third-party plugin.
 """
 from __future__ import annotations
 
-import ast
 import difflib
 import hashlib
 import inspect
@@ -23,6 +22,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .keys import normalised_source
 
 GROUP = "mmbench"
 KINDS = ("attack", "merger", "defense", "detector", "preset", "executor")
@@ -69,17 +69,13 @@ _fingerprints: dict[str, str] = {}
 
 
 def _normalised_source(module: ModuleType) -> str:
-    """The module's AST without docstrings: comments, formatting and docs do not count."""
+    """The module's AST without docstrings (:func:`mmbench.keys.normalised_source`): comments,
+    formatting and docs do not count."""
     try:
-        tree = ast.parse(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):  # no source (compiled, frozen): the name must do
+        text = inspect.getsource(module)
+    except (OSError, TypeError):  # no source (compiled, frozen): the name must do
         return ""
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
+    return normalised_source(text)
 
 
 def source_fingerprint(obj: Any) -> str:
