@@ -24,8 +24,8 @@ def test_gpu_throughput(perf):
                       "`.venv/bin/python benchmarks/gpu_throughput.py --out docs/gpu-throughput.json` (about "
                       "3–4 min, rerunnable; `--cpu-tiny` checks it on a CPU) and then `mmbench plan --throughput "
                       "docs/gpu-throughput.json` (or set `MMBENCH_THROUGHPUT`). The TA and TIES plugins' own "
-                      "`estimate` (1 s and 10 s, assumed) is the plugins' and unchanged (fingerprinted); the "
-                      "script records the measured merge times beside the throughputs.")
+                      "`estimate` (1 s assumed; 2 s, from TIES's CPU time at 8 × ViT-B-32) is the plugins' "
+                      "(fingerprinted); the script records the measured merge times beside the throughputs.")
         pytest.skip("no CUDA device")
     subprocess.run([sys.executable, str(HERE / "gpu_throughput.py"), "--out", str(OUT)], check=True, timeout=600)
     data = json.loads(OUT.read_text())

@@ -135,8 +135,9 @@ def reset_peak() -> bool:
 
 def cold_log(path: str) -> dict | None:
     """What a finished ``mmbench run`` log says: ``seconds`` (its last line ``done in X s: ...``),
-    ``cells`` and ``stages`` (its first line ``... N cells ..., M stages ...``) and ``seeds`` (the
-    seeds its stages name, ``... seed S]``); None when the log is missing or unfinished."""
+    ``cells`` and ``stages`` (its first line ``... N cells ..., M stages ...``) and ``seeds`` (those
+    of its merges and attacks, ``computing merge A/M (seed S)``: a fine-tune's may be a seed
+    derived from the cell's); None when the log is missing or unfinished."""
     try:
         text = Path(path).read_text().strip()
     except OSError:
@@ -148,4 +149,4 @@ def cold_log(path: str) -> dict | None:
     stages = re.search(r"(\d+) stages", lines[0])
     return {"seconds": float(lines[-1].split()[2]), "cells": int(cells.group(1)) if cells else None,
             "stages": int(stages.group(1)) if stages else None,
-            "seeds": sorted({int(s) for s in re.findall(r"seed (\d+)[\],)]", text)})}
+            "seeds": sorted({int(s) for s in re.findall(r"computing (?:merge|attack) [^(\n]*\(seed (\d+)\)", text)})}
