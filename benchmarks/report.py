@@ -198,7 +198,7 @@ def write_report(rec: Recorder, path: Path, seconds: float) -> Path:
         f"- torch {m['torch']}, Python {m['python']}, {m['platform']}",
         f"- commit {m['commit']}, {m['date']}; load average at the end {m['load_average_at_end']}",
         "- run: `.venv/bin/python -m pytest benchmarks` (`--perf-doc PATH` writes elsewhere, `--perf-strict` "
-        "fails a missed target, `--perf-cold-log` names the cold tiny run's log; `MMBENCH_BENCH_LAYERS`, "
+        "fails a missed target, `--perf-cold-log` names the log of a cold `mmbench run --preset tiny`, whose seed-0 stages the tiny figures need in leaderboard/store (`cp -al STORE/artifacts leaderboard/store/`); `MMBENCH_BENCH_LAYERS`, "
         "`MMBENCH_BENCH_PRESET=smoke`, `MMBENCH_BENCH_QUICK=1` shrink it for a quick check).",
         "- CPU measurements run with one intra-op thread, as `mmbench run` runs each stage on a CPU "
         "(docs/architecture.md); the copy bandwidth is one thread's too.",
