@@ -202,3 +202,19 @@ def test_attack_disagreements_flag_cells_of_one_attack_stage_computed_twice():
                            '3 cell(s) with {"acc_counts":[721,1000]')
     assert 'badnets__ta__none__seed0 ({"merge":{"tasks":2}})' in line
     assert "--attack badnets --seed 0 --rerun cells" in line
+
+
+def test_leaderboard_with_set_reads_no_sweep_into_its_claims(tmp_path):
+    # the task-count sweep was run around the preset's own settings: with --set, README.md's
+    # claims leave it out, as `mmbench findings --set` does (the committed store has the sweep)
+    from pathlib import Path
+
+    from mmbench.cli import main
+
+    store = Path(__file__).resolve().parent.parent / "leaderboard" / "store"
+    if not (store / "results" / "tiny").is_dir():
+        pytest.skip("no committed tiny results")
+    assert main(["leaderboard", "--store", str(store), "--set", "ta.lambda=0.3", "--out", str(tmp_path)]) == 0
+    lines = [line.split("|") for line in (tmp_path / "README.md").read_text().splitlines()
+             if line.startswith("| badmerging_over_tasks")]
+    assert [cells[2].strip() for cells in lines] == ["not measured"]
