@@ -135,7 +135,7 @@ def reset_peak() -> bool:
 
 def cold_log(path: str) -> dict | None:
     """What a finished ``mmbench run`` log says: ``seconds`` (its last line ``done in X s: ...``),
-    ``cells`` and ``stages`` (its first line ``... N cells ..., M stages ...``) and ``seeds`` (those
+    ``cells`` (its first line ``... N cells ...``) and ``seeds`` (those
     of its merges and attacks, ``computing merge A/M (seed S)``: a fine-tune's may be a seed
     derived from the cell's); None when the log is missing or unfinished."""
     try:
@@ -146,7 +146,5 @@ def cold_log(path: str) -> dict | None:
     if not lines or not lines[-1].startswith("done in "):
         return None
     cells = re.search(r"(\d+) cells", lines[0])
-    stages = re.search(r"(\d+) stages", lines[0])
     return {"seconds": float(lines[-1].split()[2]), "cells": int(cells.group(1)) if cells else None,
-            "stages": int(stages.group(1)) if stages else None,
             "seeds": sorted({int(s) for s in re.findall(r"computing (?:merge|attack) [^(\n]*\(seed (\d+)\)", text)})}
