@@ -11,10 +11,21 @@ own functions, single-threaded as in a stage:
 - DAM: ``masked_merge`` (θ_pre + m ⊙ Σ_k λ_k τ_k, the merge DAM runs every step), no grad.
 
 The bound of an operation is the bytes it must read and write once (its inputs and its
-output) ÷ the copy bandwidth measured in the same run (a copy of as many bytes, interleaved
-with the merge round by round). Peak memory is measured in a fresh interpreter holding only the
-operation's inputs: their bytes plus what the operation adds above them (VmHWM, reset once the
-inputs are built), ÷ the inputs' bytes.
+output) ÷ the copy bandwidth measured in the same run (a copy of as many bytes between two
+buffers whose pages are mapped, interleaved with the merge round by round).
+
+Times are measured in a fresh interpreter, twice. The figure compared with the bound is
+like for like: the operation writes its output into memory the previous round freed, as the
+reference copy writes into mapped pages (``REUSE``: glibc told to keep freed memory in the
+process, in one arena). The second interpreter keeps glibc's defaults, which hand each
+round's freed output back to the kernel, so every round first-touches a fresh output (about
+86k pages of 4 KiB at 8 × ViT-B-32; 1.3 to 11 µs a page in this VM, varying between runs
+with the host): that time, its page faults and its kernel seconds are reported beside the
+figure. The growth series (time against tasks and parameters) run in the first interpreter.
+
+Peak memory is measured in a fresh interpreter holding only the operation's inputs: their
+bytes plus what the operation adds above them (VmHWM, reset once the inputs are built), ÷ the
+inputs' bytes.
 
 ``MMBENCH_BENCH_LAYERS=N`` scales the blocks down (12 = ViT-B-32) for a quick check.
 """
@@ -24,6 +35,7 @@ import gc
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +44,21 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (best_of, copy_bandwidth, nbytes, paired, params, reset_peak, status_bytes,  # noqa: E402
-                    synthetic_weights, threads, vit_shapes)
+from common import (best_of, copy_bandwidth, nbytes, params, reset_peak, status_bytes, timed,  # noqa: E402
+                    synthetic_weights, vit_shapes)
 
 LAYERS = int(os.environ.get("MMBENCH_BENCH_LAYERS", "12"))
 TASKS = 8
 GIB = 2 ** 30
 SECTION = "Merging at ViT-B-32 scale"
 OPS = ("ta", "ties", "ibvs", "dam")
+ROUNDS = 5  # timed rounds per operation and allocator, after one warm-up round
+# glibc settings under which a round's output reuses the memory the previous round freed: freed
+# blocks stay in the process (no trim; blocks up to 32 MiB, the most glibc allows, from the heap
+# instead of their own mapping), and one arena, so TIES's worker thread allocates from the heap
+# the main thread freed into (each new thread would otherwise take an arena of its own)
+REUSE = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": str(32 * 2 ** 20),
+         "MALLOC_TRIM_THRESHOLD_": str(2 ** 40)}
 FIXES = {
     "ta": "`mmbench.vectors.task_arithmetic` clones θ_pre and then adds each τ_k into the whole output "
           "in turn: 2 + 3K passes over d floats where K + 2 suffice. Accumulate tensor by tensor in "
@@ -53,14 +72,14 @@ FIXES = {
             "selections in C. Two passes over K task vectors move 2K + 2 rows where the bound counts "
             "K + 2, so about 1.8× the bound is the floor of any two-pass TIES. Measured apart on a "
             "2-core AMD EPYC (8 × 87.8M): each threshold about 18 ms (the pass 14.4 ms where reading the "
-            "task alone takes 13; sample and selections 3.3 ms), the merge on an output already mapped "
-            "0.16 s (1.2× the bound), and the fresh 351 MB output's page faults 0.13–0.16 s (about 86k "
-            "pages of 4 KiB, 1.0–1.2× the bound by themselves, and the spread between runs). Tried and "
-            "rejected: one pass that merges with the brackets' cuts and fixes the ~4 % of coordinates "
-            "inside a bracket afterwards (bit-identical, 1.2–1.5 s: the scattered fix-up is "
-            "latency-bound), huge pages for the output (0.02–0.38 s, erratic, TIES slower) and malloc "
-            "thresholds (process-wide, TA slower); populating each output tensor's pages ahead "
-            "(MADV_POPULATE_WRITE) left TIES's faults and time as they were (0.49–0.55 s either way).",
+            "task alone takes 13; sample and selections 3.3 ms), the merge into mapped memory 0.14–0.16 s "
+            "(1.0–1.2× the bound). Tried and rejected: one pass that merges with the brackets' cuts and "
+            "fixes the ~4 % of coordinates inside a bracket afterwards (bit-identical, 1.2–1.5 s: the "
+            "scattered fix-up is latency-bound); huge pages for the output (0.02–0.38 s, erratic, TIES "
+            "slower); populating each output tensor's pages ahead (MADV_POPULATE_WRITE: the same faults "
+            "and time). A fresh output's first touch (about 86k pages of 4 KiB, 1.3 to 11 µs each in "
+            "this VM) is shown beside the figure: the kernel's and the hypervisor's work, paid by any "
+            "merge that returns new tensors.",
     "ibvs": "`subtract_backdoor_vector` subtracts in place into the merged weights (`sub_(bv, alpha=λ)`); "
             "a tensor that shares memory with θ_pre, a task vector or the BV is subtracted out of place "
             "(in `plugins/defenses/ibvs.py`).",
@@ -129,64 +148,146 @@ def _measure_memory(op: str, layers: int, tasks: int) -> dict:
             "reset": reset}
 
 
-@pytest.fixture(scope="module")
-def bandwidth():
-    with threads(1):
-        return copy_bandwidth()
+# --- time, in a fresh interpreter ------------------------------------------------------------------
+
+def _rusage() -> tuple[float, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
 
 
-@pytest.fixture(scope="module")
-def full():
-    with threads(max(1, os.cpu_count() or 1)):
-        inputs = synthetic_weights(TASKS, LAYERS)
-    yield inputs
-    del inputs
+def _time_ops(layers: int, tasks: int, rounds: int, growth: bool) -> dict:
+    """Each operation's rounds (its seconds, page faults and kernel seconds, and the reference
+    copy's bound measured just before it), after one warm-up round; with ``growth``, the growth
+    series too. Run under the allocator settings of the interpreter's environment."""
+    torch.set_num_threads(1)
+    pre, vectors = synthetic_weights(tasks, layers)
+    # the reference: copying as many bytes (half read, half written) through a 256 MiB buffer
+    n = 64 * 2 ** 20
+    src, dst = torch.ones(n), torch.zeros(n)  # both touched: no page faults in the timed copies
+    result: dict = {"params": params(pre)}
+    for op in OPS:
+        fn, inputs, moved = op_inputs(op, pre, vectors)
+        reps = moved / (2 * 4 * n)
+
+        def reference():
+            for _ in range(math.ceil(reps)):
+                dst.copy_(src)
+        fn()  # warm-up: each timed round then finds memory that a round before it freed
+        reference()
+        measured = []
+        for _ in range(rounds):
+            gc.collect()
+            bound = timed(reference) * reps / math.ceil(reps)
+            system, faults = _rusage()
+            seconds = timed(fn)  # the output is freed inside, as a caller that drops it
+            system_after, faults_after = _rusage()
+            measured.append({"seconds": seconds, "bound": bound, "faults": faults_after - faults,
+                             "system": system_after - system})
+        result[op] = {"moved": moved, "rounds": measured}
+        if op == "ties":  # where the time goes: the per-task trim thresholds against the rest
+            from mmbench_plugins.mergers import ties_kernel
+            from mmbench_plugins.mergers.ties import task_threshold
+            lib = ties_kernel.load()
+            result[op]["thresholds"] = best_of(lambda: [task_threshold(v, 0.2, lib) for v in vectors.values()],
+                                               rounds)
+            result[op]["path"] = "the compiled kernel" if lib is not None else f"eager ({ties_kernel.why_not()})"
+        del fn, inputs
+        gc.collect()
+    del src, dst
+    if growth:
+        result["growth"] = _growth(pre, vectors, layers)
+    return result
+
+
+def _growth(pre, vectors, layers: int) -> dict:
+    """TA and TIES against the number of tasks (2, 4, 8, 16 at ¼ of the blocks) and the
+    parameters per task (8 tasks, 1, 3, 6, 12 blocks: subsets of the full inputs); each point
+    best of two rounds after a warm-up, against its copy bound at this interpreter's bandwidth."""
+    from mmbench.vectors import task_arithmetic
+    from mmbench_plugins.mergers.ties import ties_merge
+
+    bandwidth = copy_bandwidth()
+
+    def merge_times(p, vs):
+        ta = lambda: task_arithmetic(p, vs, 0.3)  # noqa: E731
+        ties = lambda: ties_merge(p, vs, k=0.2, merge="sum", lam=0.3, workers=1)  # noqa: E731
+        ta(), ties()
+        return best_of(ta, 2), best_of(ties, 2), (len(vs) + 2) * nbytes(p) / bandwidth
+
+    small_layers = max(1, layers // 4)
+    names = list(vit_shapes(small_layers))
+    # tasks: 16 task vectors of the ¼-size encoder (the first 8 are subsets of the full inputs)
+    gen = torch.Generator().manual_seed(1)
+    small_pre = {n: pre[n] for n in names}
+    many = {t: {n: v[n] for n in names} for t, v in vectors.items()}
+    for k in range(len(many), 16):
+        many[f"task{k}"] = {n: torch.randn(pre[n].shape, generator=gen).mul_(1e-3) for n in names}
+    out: dict = {"small_params": params(small_pre), "counts": [2, 4, 8, 16], "tasks": {"TA": [], "TIES": [], "bound": []}}
+    for k in out["counts"]:
+        ta, ties, bound = merge_times(small_pre, dict(list(many.items())[:k]))
+        for key, value in (("TA", ta), ("TIES", ties), ("bound", bound)):
+            out["tasks"][key].append(value)
+    del many
     gc.collect()
+    out["sizes"], out["params"] = [], {"TA": [], "TIES": [], "bound": []}
+    for blocks in sorted({1, small_layers, max(1, layers // 2), layers}):
+        keep = list(vit_shapes(blocks))
+        p = {n: pre[n] for n in keep}
+        vs = {t: {n: v[n] for n in keep} for t, v in vectors.items()}
+        ta, ties, bound = merge_times(p, vs)
+        out["sizes"].append(params(p))
+        for key, value in (("TA", ta), ("TIES", ties), ("bound", bound)):
+            out["params"][key].append(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def timings() -> dict:
+    """``reused``: the output in memory a previous round freed (``REUSE``), with the growth
+    series; ``fresh``: glibc's defaults, a fresh output every round."""
+    def run(env: dict, growth: bool) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--time", str(LAYERS), str(TASKS), str(ROUNDS),
+                               "growth" if growth else "-"], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    base = {k: v for k, v in os.environ.items() if k not in REUSE}
+    base["OMP_NUM_THREADS"] = "1"
+    return {"reused": run({**base, **REUSE}, True), "fresh": run(base, False)}
+
+
+def _best(rounds: list[dict]) -> tuple[dict, float]:
+    """(the fastest round, the least bound over the rounds): each the least disturbed."""
+    return min(rounds, key=lambda r: r["seconds"]), min(r["bound"] for r in rounds)
 
 
 @pytest.mark.parametrize("op", OPS)
-def test_merge_time(benchmark, perf, full, op):
-    pre, vectors = full
-    fn, inputs, moved = op_inputs(op, pre, vectors)
-    # the reference: copying as many bytes (half read, half written) through a 256 MiB buffer,
-    # interleaved with the merge round by round
-    n = 64 * 2 ** 20
-    src, dst = torch.ones(n), torch.zeros(n)  # both touched: no page faults in the timed copies
-    reps = moved / (2 * 4 * n)
-
-    def reference():
-        for _ in range(math.ceil(reps)):
-            dst.copy_(src)
-    with threads(1):
-        # every op warmed up once (TIES was not while it took 5 s): its timed rounds then reuse the
-        # warm-up's output memory, as the other merges' do, instead of faulting in fresh pages
-        subject, ref = paired(benchmark, fn, reference, rounds=3)
-    bound = ref * reps / math.ceil(reps)
+def test_merge_time(perf, timings, op):
+    reused, fresh = timings["reused"][op], timings["fresh"][op]
+    best, bound = _best(reused["rounds"])
+    best_fresh, bound_fresh = _best(fresh["rounds"])
+    moved, subject = reused["moved"], best["seconds"]
     bandwidth = moved / bound
     fix = FIXES[op]
-    if op == "ties":  # where the time goes: the per-task trim thresholds against the rest
-        from mmbench_plugins.mergers import ties_kernel
-        from mmbench_plugins.mergers.ties import task_threshold
-        lib = ties_kernel.load()
-        with threads(1):
-            trim = best_of(lambda: [task_threshold(v, 0.2, lib) for v in vectors.values()], 1)
-        path = "the compiled kernel" if lib is not None else f"eager ({ties_kernel.why_not()})"
-        fix = (f"Measured here, with {path}: the {len(vectors)} trim thresholds (one streaming "
+    if op == "ties":
+        trim = reused["thresholds"]
+        fix = (f"Measured here, with {reused['path']}: the {TASKS} trim thresholds (one streaming "
                f"pass per task) take {trim:.2f} s of the {subject:.2f} s; "
                f"elect and disjoint merge the other {max(subject - trim, 0):.2f} s "
                f"({max(subject - trim, 0) / bound:.1f}× the bound). " + fix)
     ratio = subject / bound
-    d = params(pre)
+    d = timings["reused"]["params"]
+    where = ("in place into the merged weights" if op == "ibvs"
+             else "output in memory a previous round freed")
+    note = (f"{where} ({best['faults']} page faults); with glibc's defaults (a fresh "
+            f"output): {best_fresh['seconds']:.3f} s, {best_fresh['seconds'] / bound_fresh:.2f}× its bound "
+            f"{bound_fresh:.3f} s, {best_fresh['faults']} page faults, {best_fresh['system']:.2f} s in the kernel"
+            + ("" if LAYERS == 12 else f"; scaled down to {LAYERS} blocks"))
     perf.add(id=f"merge-{op}", section=SECTION,
              what=f"{op.upper() if op != 'ibvs' else 'IBVS subtraction'}{' masked merge' if op == 'dam' else ''}, "
                   f"{TASKS if op != 'ibvs' else 1} × {d / 1e6:.1f}M float32" + (" (merged, BV)" if op == "ibvs" else ""),
              measured=f"{subject:.3f} s", reference=f"bound {bound:.3f} s ({moved / GIB:.2f} GiB at "
                                                       f"{bandwidth / 1e9:.1f} GB/s copy)",
-             ratio=ratio, ratio_label="× the bound", target="≤ 4×", ok=ratio <= 4, fix=fix,
-             note="" if LAYERS == 12 else f"scaled down to {LAYERS} blocks")
-    benchmark.extra_info.update({"bound_seconds": bound, "ratio": ratio, "bytes_moved": moved})
-    del inputs
-    gc.collect()
+             ratio=ratio, ratio_label="× the bound", target="≤ 4×", ok=ratio <= 4, fix=fix, note=note)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -222,43 +323,12 @@ def loglog_slope(xs, ys) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sum((a - mx) ** 2 for a in lx)
 
 
-def test_merge_time_vs_tasks_and_params(perf, full, bandwidth):
-    """TA and TIES against the number of tasks (2, 4, 8, 16 at ¼ of ViT-B-32's blocks) and the
-    parameters per task (8 tasks, 1, 3, 6, 12 blocks: subsets of the full inputs)."""
-    from mmbench.vectors import task_arithmetic
-    from mmbench_plugins.mergers.ties import ties_merge
-
-    pre, vectors = full
-    small_layers = max(1, LAYERS // 4)
-    names = list(vit_shapes(small_layers))
-
-    def merge_times(p, vs):
-        ta = best_of(lambda: task_arithmetic(p, vs, 0.3), 2)
-        ties = best_of(lambda: ties_merge(p, vs, k=0.2, merge="sum", lam=0.3, workers=1), 1)
-        return ta, ties, (len(vs) + 2) * nbytes(p) / bandwidth
-
-    with threads(1):
-        # tasks: 16 task vectors of the ¼-size encoder (the first 8 are subsets of the full inputs)
-        gen = torch.Generator().manual_seed(1)
-        small_pre = {n: pre[n] for n in names}
-        many = {t: {n: v[n] for n in names} for t, v in vectors.items()}
-        for k in range(len(many), 16):
-            many[f"task{k}"] = {n: torch.randn(pre[n].shape, generator=gen).mul_(1e-3) for n in names}
-        counts, ta_t, ties_t, bound_t = [2, 4, 8, 16], [], [], []
-        for k in counts:
-            ta, ties, bound = merge_times(small_pre, dict(list(many.items())[:k]))
-            ta_t.append(ta), ties_t.append(ties), bound_t.append(bound)
-        del many
-        gc.collect()
-        layer_counts = sorted({1, small_layers, max(1, LAYERS // 2), LAYERS})
-        sizes, ta_p, ties_p, bound_p = [], [], [], []
-        for layers in layer_counts:
-            keep = list(vit_shapes(layers))
-            p = {n: pre[n] for n in keep}
-            vs = {t: {n: v[n] for n in keep} for t, v in vectors.items()}
-            ta, ties, bound = merge_times(p, vs)
-            sizes.append(params(p)), ta_p.append(ta), ties_p.append(ties), bound_p.append(bound)
-    d_small = params(small_pre)
+def test_merge_time_vs_tasks_and_params(perf, timings):
+    """TA and TIES against the number of tasks and the parameters per task (``_growth``)."""
+    g = timings["reused"]["growth"]
+    counts, ta_t, ties_t, bound_t = g["counts"], g["tasks"]["TA"], g["tasks"]["TIES"], g["tasks"]["bound"]
+    sizes, ta_p, ties_p, bound_p = g["sizes"], g["params"]["TA"], g["params"]["TIES"], g["params"]["bound"]
+    d_small = g["small_params"]
     perf.add_series("merge-vs-tasks", x=counts, lines={"TA": ta_t, "TIES": ties_t}, bound=bound_t,
                     xlabel=f"task vectors merged ({d_small / 1e6:.1f}M params each)",
                     title=f"merge time vs tasks ({d_small / 1e6:.1f}M float32 per task)")
@@ -288,6 +358,8 @@ def test_merge_time_vs_tasks_and_params(perf, full, bandwidth):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--memory"]:
     print(json.dumps(_measure_memory(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+if __name__ == "__main__" and sys.argv[1:2] == ["--time"]:
+    print(json.dumps(_time_ops(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "growth")))
 
 
 def test_dam_learn_mask_memory_note(perf):
