@@ -19,7 +19,7 @@ like for like: the operation writes its output into memory the previous round fr
 reference copy writes into mapped pages (``REUSE``: glibc told to keep freed memory in the
 process, in one arena). The second interpreter keeps glibc's defaults, which hand each
 round's freed output back to the kernel, so every round first-touches a fresh output (about
-86k pages of 4 KiB at 8 × ViT-B-32; 1.3 to 11 µs a page in this VM, varying between runs
+86k pages of 4 KiB at 8 × ViT-B-32; 1.2 to 11 µs a page in this VM, varying between runs
 with the host): that time, its page faults and its kernel seconds are reported beside the
 figure. The growth series (time against tasks and parameters) run in the first interpreter.
 
@@ -77,7 +77,7 @@ FIXES = {
             "fixes the ~4 % of coordinates inside a bracket afterwards (bit-identical, 1.2–1.5 s: the "
             "scattered fix-up is latency-bound); huge pages for the output (0.02–0.38 s, erratic, TIES "
             "slower); populating each output tensor's pages ahead (MADV_POPULATE_WRITE: the same faults "
-            "and time). A fresh output's first touch (about 86k pages of 4 KiB, 1.3 to 11 µs each in "
+            "and time). A fresh output's first touch (about 86k pages of 4 KiB, 1.2 to 11 µs each in "
             "this VM) is shown beside the figure: the kernel's and the hypervisor's work, paid by any "
             "merge that returns new tensors.",
     "ibvs": "`subtract_backdoor_vector` subtracts in place into the merged weights (`sub_(bv, alpha=λ)`); "
