@@ -211,7 +211,8 @@ def _growth(pre, vectors, layers: int) -> dict:
     def merge_times(p, vs):
         ta = lambda: task_arithmetic(p, vs, 0.3)  # noqa: E731
         ties = lambda: ties_merge(p, vs, k=0.2, merge="sum", lam=0.3, workers=1)  # noqa: E731
-        ta(), ties()
+        ta()  # warm-up, as the merges' own figures
+        ties()
         return best_of(ta, 2), best_of(ties, 2), (len(vs) + 2) * nbytes(p) / bandwidth
 
     small_layers = max(1, layers // 4)
