@@ -463,12 +463,11 @@ def cmd_leaderboard(args) -> int:
                         if p.opt_in else ""))
     sections, claims = {}, {}
     for name in presets:
+        mine = [r for r in results if r.get("preset") == name]
         # as mmbench findings: the sweeps were run around the preset's own settings, none with --set
-        cells = findings.frame((r for r in results if r.get("preset") == name),
-                               [] if args.set else sweep_points.get(name, []))
+        cells = findings.frame(mine, [] if args.set else sweep_points.get(name, []))
         claims[name] = findings.evaluate(cells)  # once: README.md and the page show the same lines
         sections[name] = findings.markdown(name, cells, claims[name])
-        mine = [r for r in results if r.get("preset") == name]
         for extra in (sweeps.markdown(name, sweep_points.get(name, [])),
                       detection_report.markdown(name, detection.get(name, []), mine)):
             if extra:
